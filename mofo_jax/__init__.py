@@ -1,0 +1,33 @@
+"""mofo_jax: the momentum-filtered optimizer (MoFO) as an optax transformation.
+
+MoFO (Chen et al., arXiv 2407.20999) fine-tunes with Adam but moves, in every parameter block,
+only the entries of largest momentum magnitude, so the model forgets less of what it knew.
+"""
+
+from mofo_jax._partition import BlockSpec
+from mofo_jax._selection import BlockSelection
+from mofo_jax._selection import select_blocks
+from mofo_jax._selection import top_fraction_mask
+from mofo_jax._telemetry import MoFOTelemetry
+from mofo_jax._telemetry import telemetry_summary
+from mofo_jax._transform import KeepTopFractionState
+from mofo_jax._transform import ScaleByMoFOState
+from mofo_jax._transform import keep_top_fraction
+from mofo_jax._transform import mofo
+from mofo_jax._transform import scale_by_mofo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockSelection",
+    "BlockSpec",
+    "KeepTopFractionState",
+    "MoFOTelemetry",
+    "ScaleByMoFOState",
+    "keep_top_fraction",
+    "mofo",
+    "scale_by_mofo",
+    "select_blocks",
+    "telemetry_summary",
+    "top_fraction_mask",
+]

@@ -1,0 +1,190 @@
+"""Exact top-fraction selection by counting: the k-th largest |score| of every block at once.
+
+Sorting or ``lax.top_k`` with k = 10% of n sorts the whole block, and under sharding gathers it
+onto every device. Instead we search the threshold on the float32 bit pattern: for non-negative
+floats the pattern, read as an unsigned integer, orders exactly like the value. A radix search
+fixes ``radix_bits`` bits of the threshold per pass by counting, in each block, the entries at or
+above ``2**radix_bits - 1`` candidates. Every pass is one fused read of the scores plus small
+reductions, so it is linear in the parameters, shards into tiny all-reduces, and the fraction may
+be a traced value. All leaves share one loop, so the number of passes does not grow with the
+number of leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mofo_jax import _partition
+
+_KEY_BITS = 32
+
+
+class BlockSelection(NamedTuple):
+  """The result of a selection for one leaf."""
+  threshold: jax.Array  # float32, the leaf's BlockSpec.block_shape: k-th largest |score|
+  num_selected: jax.Array  # int32, same shape: entries with |score| >= threshold, per block
+
+
+def score_keys(scores: jax.Array) -> jax.Array:
+  """Maps ``|scores|`` to uint32 keys that sort exactly like the magnitudes.
+
+  NaN magnitudes get the largest keys, so they rank above every finite value and above +inf.
+  """
+  mag = jnp.abs(scores.astype(jnp.float32))
+  return lax.bitcast_convert_type(mag, jnp.uint32)
+
+
+def keys_to_threshold(keys: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(keys, jnp.float32)
+
+
+def num_to_select(fraction: jax.typing.ArrayLike, n: int) -> jax.Array | int:
+  """k = max(1, floor(fraction * n)), exactly for a Python float, in float32 when traced."""
+  if isinstance(fraction, (int, float)):
+    return max(1, math.floor(fraction * n))
+  k = jnp.floor(jnp.asarray(fraction, jnp.float32) * jnp.float32(n)).astype(jnp.int32)
+  return jnp.maximum(k, 1)
+
+
+def select_blocks(
+    scores: Sequence[jax.Array],
+    specs: Sequence[_partition.BlockSpec],
+    fraction: jax.typing.ArrayLike,
+    *,
+    global_block: bool = False,
+    radix_bits: int = 4,
+) -> list[BlockSelection]:
+  """Finds, in every block of every leaf, the k-th largest ``|score|`` and how many reach it.
+
+  Args:
+    scores: the leaves to rank (any float dtype; NaN ranks highest).
+    specs: one ``BlockSpec`` per leaf.
+    fraction: the fraction to keep in each block, in (0, 1]; a float or a traced scalar.
+    global_block: treat all the leaves together as a single block (specs must be per-leaf).
+    radix_bits: bits of the threshold fixed per pass (1, 2, 4 or 8); passes = 32 / radix_bits,
+      each counting ``2**radix_bits - 1`` candidates.
+
+  Returns:
+    One ``BlockSelection`` per leaf. The mask of a leaf is ``|score| >= threshold`` (broadcast
+    over the block's axes): it holds at least k entries, exactly those at or above the k-th
+    largest, ties included.
+  """
+  if radix_bits not in (1, 2, 4, 8):
+    raise ValueError(f"radix_bits={radix_bits} must be 1, 2, 4 or 8.")
+  views = [jnp.reshape(s, spec.view_shape(s.shape)) for s, spec in zip(scores, specs)]
+  reduce_axes = []
+  for v, spec in zip(views, specs):
+    keep = spec.block_axes(v.shape)
+    reduce_axes.append(tuple(i for i in range(v.ndim) if i not in keep))
+  block_shapes = [spec.block_shape(v.shape) for v, spec in zip(views, specs)]
+  if global_block:
+    if any(spec != _partition.PER_LEAF for spec in specs):
+      raise ValueError("partition='global' ranks whole leaves: BlockSpecs cannot also apply.")
+    total = sum(v.size for v in views)
+    ks = [num_to_select(fraction, total)] * len(views)
+  else:
+    ks = [num_to_select(fraction, spec.block_size(v.shape)) for v, spec in zip(views, specs)]
+
+  num_digits = 1 << radix_bits
+  digits = jnp.arange(1, num_digits, dtype=jnp.uint32)
+
+  def counts_at(view, prefix, shift, axes):
+    # Candidates extend the known prefix by every non-zero digit; the count at each candidate
+    # is a plain reduction, so XLA fuses key computation, comparison and sum into one pass.
+    cands = prefix[..., None] | (digits << shift)
+    keys = score_keys(view)[..., None]
+    return jnp.sum(keys >= cands, axis=axes, dtype=jnp.int32, keepdims=True)
+
+  def body(i, carry):
+    prefixes, counts = carry
+    shift = (jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32))
+    per_leaf = [counts_at(v, p, shift, ax) for v, p, ax in zip(views, prefixes, reduce_axes)]
+    if global_block:
+      total_counts = sum(c.reshape(-1, num_digits - 1).sum(0) for c in per_leaf)
+      per_leaf = [jnp.broadcast_to(total_counts, c.shape) for c in per_leaf]
+    new_prefixes, new_counts = [], []
+    for p, c, cnt, k in zip(prefixes, counts, per_leaf, ks):
+      # Counts fall as the candidate grows, so the digit is how many candidates keep >= k.
+      ok = cnt >= k
+      digit = jnp.sum(ok, axis=-1, dtype=jnp.uint32)
+      new_prefixes.append(p | (digit << shift))
+      reached = jnp.take_along_axis(cnt, jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None],
+                                    axis=-1)[..., 0]
+      new_counts.append(jnp.where(digit > 0, reached, c))
+    return new_prefixes, new_counts
+
+  init_prefixes = [jnp.zeros(bs, jnp.uint32) for bs in block_shapes]
+  if global_block:
+    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32) for bs in block_shapes]
+  else:
+    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32)
+                   for bs, v, spec in zip(block_shapes, views, specs)]
+  if views:
+    prefixes, counts = lax.fori_loop(0, _KEY_BITS // radix_bits, body,
+                                     (init_prefixes, init_counts))
+  else:
+    prefixes, counts = [], []
+  return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
+
+
+def block_mask(score: jax.Array, spec: _partition.BlockSpec,
+               threshold: jax.Array) -> jax.Array:
+  """The boolean mask ``|score| >= threshold`` of one leaf, in the leaf's own shape."""
+  view = jnp.reshape(score, spec.view_shape(score.shape))
+  key = score_keys(view) >= lax.bitcast_convert_type(threshold, jnp.uint32)
+  return jnp.reshape(key, score.shape)
+
+
+def top_fraction_mask(
+    scores: Any,
+    fraction: jax.typing.ArrayLike,
+    *,
+    partition: _partition.Partition = None,
+    radix_bits: int = 4,
+) -> Any:
+  r"""Marks, in every block, the entries whose magnitude is among the top ``fraction``.
+
+  For a block of n entries, with :math:`k = \max(1, \lfloor \text{fraction} \cdot n \rfloor)` and
+  :math:`\tau` the k-th largest :math:`|s|` of the block,
+
+  .. math:: F = \{ i : |s_i| \ge \tau \}
+
+  so ties at :math:`\tau` are all kept and :math:`|F| \ge k`. The threshold is found by counting
+  on the float bit pattern (no sort, no ``lax.top_k``).
+
+  Args:
+    scores: a pytree of float arrays.
+    fraction: fraction to keep per block, in (0, 1]; a Python float, or a traced scalar
+      (then k is computed in float32).
+    partition: ``None``/``"leaf"`` (each leaf is a block), ``"global"`` (the whole tree is one
+      block), a ``BlockSpec``, or a pytree/callable of ``BlockSpec`` (see :class:`BlockSpec`).
+    radix_bits: bits fixed per counting pass (1, 2, 4 or 8).
+
+  Returns:
+    A pytree of boolean arrays shaped like ``scores``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import mofo_jax
+    >>> mofo_jax.top_fraction_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), 0.5)
+    Array([False,  True,  True, False], dtype=bool)
+
+  References:
+    Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
+    Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, 2024.
+  """
+  if isinstance(fraction, (int, float)) and not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction={fraction} must be in (0, 1].")
+  is_global, specs = _partition.resolve_partition(partition, scores)
+  leaves, treedef = jax.tree.flatten(scores)
+  spec_leaves = treedef.flatten_up_to(specs)
+  sels = select_blocks(leaves, spec_leaves, fraction, global_block=is_global,
+                       radix_bits=radix_bits)
+  masks = [block_mask(s, sp, sel.threshold) for s, sp, sel in zip(leaves, spec_leaves, sels)]
+  return treedef.unflatten(masks)

@@ -1,0 +1,385 @@
+"""MoFO as optax gradient transformations: ``scale_by_mofo``, ``keep_top_fraction``, ``mofo``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mofo_jax import _partition
+from mofo_jax import _selection
+from mofo_jax import _telemetry
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+FilterMask = Union[None, Any, Callable[[Any], Any]]
+
+SCORES = ("momentum", "gradient", "update", "random")
+
+
+class ScaleByMoFOState(NamedTuple):
+  """State of :func:`scale_by_mofo`."""
+  count: jax.Array  # [] int32, steps taken so far
+  mu: optax.Updates  # like params, mu_dtype (float32 by default): first moment, every entry
+  nu: optax.Updates  # like params, nu_dtype (float32 by default): second moment, every entry
+  telemetry: _telemetry.MoFOTelemetry  # per leaf, O(1) per block: what the last step did
+
+
+class KeepTopFractionState(NamedTuple):
+  """State of :func:`keep_top_fraction`."""
+  count: jax.Array  # [] int32, steps taken so far (drives a fraction schedule)
+  telemetry: _telemetry.MoFOTelemetry  # per leaf, O(1) per block: what the last step did
+
+
+def _fraction_fn(fraction: ScalarOrSchedule) -> Callable[[jax.Array], Any]:
+  """Validates ``fraction`` and returns ``count -> fraction`` (schedules clipped into [0, 1])."""
+  if isinstance(fraction, bool):
+    raise TypeError(f"fraction={fraction!r} must be a number in (0, 1] or a schedule.")
+  if isinstance(fraction, (int, float)):
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f"fraction={fraction} must be in (0, 1].")
+    return lambda count: float(fraction)
+  if callable(fraction):
+    return lambda count: jnp.clip(jnp.asarray(fraction(count), jnp.float32), 0.0, 1.0)
+  # An array: inject_hyperparams passes its hyperparameters this way. Check it when it is
+  # concrete; a traced value is clipped like a schedule's.
+  if not isinstance(fraction, jax.core.Tracer):
+    value = np.asarray(fraction)
+    if value.shape != () or not 0.0 < float(value) <= 1.0:
+      raise ValueError(f"fraction={value} must be a scalar in (0, 1].")
+  return lambda count: jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _check_float_leaves(params: Any, who: str) -> None:
+  for path, leaf in zip(_leaf_paths(params), jax.tree.leaves(params)):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(
+          f"{who}: leaf {path} has dtype {jnp.result_type(leaf)}; MoFO needs floating point "
+          "leaves. Leave integer and boolean leaves out of the optimizer (optax.masked, "
+          "optax.partition, or nnx.Optimizer(..., wrt=nnx.Param)).")
+
+
+def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
+  """One Python bool per leaf of ``tree``: True where the leaf is filtered."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if filter_mask is None:
+    return [np.ndim(x) >= 2 for x in leaves]
+  mask = filter_mask(tree) if callable(filter_mask) else filter_mask
+  try:
+    mask_leaves = treedef.flatten_up_to(
+        jax.tree.map(lambda m, t: jax.tree.map(lambda _: m, t), mask, tree))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"filter_mask must be a prefix of the params pytree of bools: {e}") from e
+  try:
+    return [bool(m) for m in mask_leaves]
+  except jax.errors.ConcretizationTypeError as e:
+    raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.") from e
+
+
+def _block_specs(partition: _partition.Partition, tree: Any,
+                 filtered: list[bool]) -> tuple[bool, list[_partition.BlockSpec]]:
+  is_global, specs = _partition.resolve_partition(partition, tree)
+  spec_leaves = jax.tree.structure(tree).flatten_up_to(specs)
+  for leaf, spec, f in zip(jax.tree.leaves(tree), spec_leaves, filtered):
+    if f:
+      spec.block_shape(np.shape(leaf))  # raises a clear error now rather than mid-step
+  return is_global, spec_leaves
+
+
+def _init_telemetry(tree: Any, filtered: list[bool],
+                    specs: list[_partition.BlockSpec]) -> _telemetry.MoFOTelemetry:
+  leaves, treedef = jax.tree.flatten(tree)
+  shapes = [sp.block_shape(np.shape(x)) if f else () for x, f, sp in zip(leaves, filtered, specs)]
+  return _telemetry.init_telemetry(tree, treedef.unflatten(shapes))
+
+
+def _select(scores: list[jax.Array], filtered: list[bool], specs: list[_partition.BlockSpec],
+            is_global: bool, fraction: Any):
+  """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
+  idx = [i for i, f in enumerate(filtered) if f]
+  sels = _selection.select_blocks([scores[i] for i in idx], [specs[i] for i in idx], fraction,
+                                  global_block=is_global)
+  masks: list[jax.Array | None] = [None] * len(scores)
+  kept = [jnp.asarray(np.size(s), jnp.int32) for s in scores]
+  thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
+  for i, sel in zip(idx, sels):
+    masks[i] = _selection.block_mask(scores[i], specs[i], sel.threshold)
+    thresholds[i] = sel.threshold
+    # Global blocks carry the tree-wide count in every leaf: count this leaf's own entries.
+    kept[i] = (jnp.sum(masks[i], dtype=jnp.int32) if is_global
+               else jnp.sum(sel.num_selected, dtype=jnp.int32))
+  return masks, kept, thresholds
+
+
+def scale_by_mofo(
+    fraction: ScalarOrSchedule = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    filter_mask: FilterMask = None,
+    partition: _partition.Partition = None,
+    score: str = "momentum",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
+
+  With gradient :math:`g_t` and step :math:`t`, every entry of every leaf tracks Adam's moments
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t / (1-\beta_2^t)} + \epsilon}.
+
+  In each block of n entries of a filtered leaf, with :math:`k = \max(1, \lfloor f n \rfloor)`
+  and :math:`\tau` the k-th largest :math:`|m_t|` of the block, the output is
+  :math:`F \odot u_t` with :math:`F = (|m_t| \ge \tau)`: ties at :math:`\tau` are all kept. Other
+  entries get exactly zero, so after ``scale_by_learning_rate`` (and no weight decay) they do not
+  move at all. Unfiltered leaves get the dense Adam update. The threshold is found by counting
+  (no sort, no ``lax.top_k``); see :func:`mofo_jax.top_fraction_mask`.
+
+  NaN or Inf gradients never hang or crash the step (the search makes a fixed number of passes);
+  a NaN momentum ranks above every finite one, so it is selected and reaches the params as it
+  would with Adam. Wrap the optimizer in ``optax.apply_if_finite`` to skip such steps.
+
+  Args:
+    fraction: fraction f of each block to update, in (0, 1]; a float, or a schedule
+      ``count -> f`` whose values are clipped into [0, 1] (k is at least 1).
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator, outside the square root.
+    filter_mask: which leaves are filtered: a pytree (a prefix of the params) of bools or a
+      callable ``params -> pytree``. Default: leaves with ``ndim >= 2`` (matrices, embeddings,
+      stacked layers) are filtered; vectors and scalars (biases, norm scales) get dense Adam.
+    partition: how a filtered leaf is cut into blocks: ``None``/``"leaf"`` (one block per leaf,
+      the paper's choice), ``"global"`` (one block over all filtered leaves), a
+      :class:`mofo_jax.BlockSpec`, or a pytree/callable of them.
+    score: what to rank by: ``"momentum"`` (MoFO), ``"gradient"``, ``"update"`` (Adam's
+      :math:`|u_t|`), or ``"random"`` (a fresh Bernoulli(f) mask per step: randomized block
+      coordinate descent). The last three are the paper's ablations.
+    mu_dtype: dtype of the first moment; default float32.
+    nu_dtype: dtype of the second moment; default float32.
+    seed: seed of the random masks of ``score="random"``.
+
+  Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
+  injected; name a callable ``filter_mask`` or ``partition`` in ``static_args``, or it would be
+  taken for a schedule.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ScaleByMoFOState`. Updates keep
+    the dtype of the incoming gradients.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, mofo_jax
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    >>> opt = optax.chain(mofo_jax.scale_by_mofo(fraction=0.25), optax.scale(-0.1))
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> int((updates["w"] != 0).sum()), int((updates["b"] != 0).sum())
+    (3, 3)
+
+  References:
+    Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
+    Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
+  """
+  if score not in SCORES:
+    raise ValueError(f"score={score!r} must be one of {SCORES}.")
+  fraction_at = _fraction_fn(fraction)
+  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.dtype(jnp.float32)
+  nu_dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else jnp.dtype(jnp.float32)
+
+  def init_fn(params):
+    _check_float_leaves(params, "scale_by_mofo")
+    filtered = _resolve_filter_mask(filter_mask, params)
+    _, specs = _block_specs(partition, params, filtered)
+    return ScaleByMoFOState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+        telemetry=_init_telemetry(params, filtered, specs),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    filtered = _resolve_filter_mask(filter_mask, updates)
+    is_global, specs = _block_specs(partition, updates, filtered)
+    count_inc = optax.safe_increment(state.count)
+    frac = fraction_at(state.count)
+
+    mus, nus, directions = [], [], []
+    for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu),
+                         treedef.flatten_up_to(state.nu)):
+      g32 = g.astype(jnp.float32)
+      m = (b1 * mu.astype(jnp.float32) + (1 - b1) * g32).astype(mu_dtype)
+      v = (b2 * nu.astype(jnp.float32) + (1 - b2) * g32 * g32).astype(nu_dtype)
+      m_hat = m.astype(jnp.float32) / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
+      v_hat = v.astype(jnp.float32) / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
+      mus.append(m)
+      nus.append(v)
+      directions.append(m_hat / (jnp.sqrt(v_hat) + eps))
+
+    if score == "random":
+      base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      masks, kept = [], []
+      for i, (u, f) in enumerate(zip(directions, filtered)):
+        if f:
+          mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
+          masks.append(mask)
+          kept.append(jnp.sum(mask, dtype=jnp.int32))
+        else:
+          masks.append(None)
+          kept.append(jnp.asarray(u.size, jnp.int32))
+      thresholds = [jnp.zeros(specs[i].block_shape(u.shape) if f else (), jnp.float32)
+                    for i, (u, f) in enumerate(zip(directions, filtered))]
+    else:
+      scores = {"momentum": mus, "gradient": leaves, "update": directions}[score]
+      masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac)
+
+    new_updates = [
+        (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
+        for u, mask, g in zip(directions, masks, leaves)
+    ]
+    telemetry = state.telemetry._replace(num_updated=treedef.unflatten(kept),
+                                         threshold=treedef.unflatten(thresholds))
+    return treedef.unflatten(new_updates), ScaleByMoFOState(
+        count=count_inc, mu=treedef.unflatten(mus), nu=treedef.unflatten(nus),
+        telemetry=telemetry)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_top_fraction(
+    fraction: ScalarOrSchedule = 0.1,
+    *,
+    filter_mask: FilterMask = None,
+    partition: _partition.Partition = None,
+) -> optax.GradientTransformation:
+  r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
+
+  The selection of :func:`scale_by_mofo` applied to the updates themselves, so that any optimizer
+  can be filtered: in a block of n entries with :math:`k = \max(1, \lfloor f n \rfloor)` and
+  :math:`\tau` the k-th largest :math:`|u|`, the output is :math:`(|u| \ge \tau) \odot u`.
+
+  Args:
+    fraction: fraction of each block to keep, in (0, 1], or a schedule (clipped into [0, 1]).
+    filter_mask: which leaves are filtered (default ``ndim >= 2``); others pass unchanged.
+    partition: how a leaf is cut into blocks (see :func:`scale_by_mofo`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`KeepTopFractionState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mofo_jax
+    >>> opt = optax.chain(optax.sgd(1.0), mofo_jax.keep_top_fraction(0.5))
+    >>> params = {"w": jnp.zeros((2, 2))}
+    >>> state = opt.init(params)
+    >>> updates, _ = opt.update({"w": jnp.array([[1.0, -4.0], [3.0, 2.0]])}, state, params)
+    >>> updates["w"]
+    Array([[ 0.,  4.],
+           [-3.,  0.]], dtype=float32)
+
+  References:
+    Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
+    Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
+  """
+  fraction_at = _fraction_fn(fraction)
+
+  def init_fn(params):
+    _check_float_leaves(params, "keep_top_fraction")
+    filtered = _resolve_filter_mask(filter_mask, params)
+    _, specs = _block_specs(partition, params, filtered)
+    return KeepTopFractionState(count=jnp.zeros([], jnp.int32),
+                                telemetry=_init_telemetry(params, filtered, specs))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    filtered = _resolve_filter_mask(filter_mask, updates)
+    is_global, specs = _block_specs(partition, updates, filtered)
+    masks, kept, thresholds = _select(leaves, filtered, specs, is_global,
+                                      fraction_at(state.count))
+    new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
+    telemetry = state.telemetry._replace(num_updated=treedef.unflatten(kept),
+                                         threshold=treedef.unflatten(thresholds))
+    return treedef.unflatten(new), KeepTopFractionState(
+        count=optax.safe_increment(state.count), telemetry=telemetry)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def mofo(
+    learning_rate: ScalarOrSchedule,
+    fraction: ScalarOrSchedule = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    weight_decay_mask: Any = None,
+    filter_mask: FilterMask = None,
+    partition: _partition.Partition = None,
+    score: str = "momentum",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
+
+  .. math::
+    p_{t} = p_{t-1} (1 - \eta_t \lambda) - \eta_t \, F_t \odot u_t
+
+  with :math:`u_t` Adam's direction and :math:`F_t` the top-``fraction`` momentum mask of
+  :func:`scale_by_mofo`. Weight decay :math:`\lambda` is decoupled and applies to every entry, as
+  in ``optax.adamw`` and the authors' code (the paper's experiments use :math:`\lambda = 0`, and
+  then unselected entries stay bit-for-bit where they were).
+
+  Args:
+    learning_rate: a float or a schedule ``count -> lr``.
+    fraction: fraction of each block updated per step, in (0, 1], or a schedule.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator.
+    weight_decay: decoupled weight decay.
+    weight_decay_mask: pytree or callable choosing the leaves decayed (as in ``optax.adamw``).
+    filter_mask: which leaves are filtered (default: ``ndim >= 2``).
+    partition: blocks of the top-k (default: one per leaf); see :func:`scale_by_mofo`.
+    score: ``"momentum"``, ``"gradient"``, ``"update"`` or ``"random"``.
+    mu_dtype: dtype of the first moment (default float32).
+    nu_dtype: dtype of the second moment (default float32).
+    seed: seed of ``score="random"``.
+
+  Returns:
+    ``optax.chain(scale_by_mofo(...), add_decayed_weights(...), scale_by_learning_rate(...))``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, mofo_jax
+    >>> params = {"w": jnp.ones((10, 10))}
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0), mofo_jax.mofo(1e-2, fraction=0.1))
+    >>> state = opt.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(jnp.arange(100.0).reshape(10, 10) * p["w"]))(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int((params["w"] != 1.0).sum())
+    10
+
+  References:
+    Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
+    Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
+  """
+  return optax.chain(
+      scale_by_mofo(fraction, b1, b2, eps, filter_mask=filter_mask, partition=partition,
+                    score=score, mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,109 @@
+"""The counting selection against sorting, over shapes, fractions, ties and block layouts."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mofo_jax
+from tests import reference
+
+shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
+fractions = st.one_of(st.sampled_from([0.01, 0.05, 0.1, 0.15, 0.5, 1.0]),
+                      st.floats(1e-3, 1.0, exclude_min=True))
+
+
+@st.composite
+def tie_heavy(draw):
+  shape = draw(shapes)
+  kind = draw(st.sampled_from(["normal", "few_values", "zeros", "all_equal", "wide_range"]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+  if kind == "normal":
+    x = rng.normal(size=shape)
+  elif kind == "few_values":
+    x = rng.integers(-2, 3, size=shape) * 0.5
+  elif kind == "zeros":
+    x = rng.normal(size=shape) * (rng.random(shape) < 0.2)
+  elif kind == "all_equal":
+    x = np.full(shape, draw(st.sampled_from([0.0, -1.5, 3e-30])))
+  else:
+    x = rng.normal(size=shape) * 10.0 ** rng.integers(-30, 30, size=shape)
+  return x.astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=tie_heavy(), fraction=fractions, radix_bits=st.sampled_from([1, 2, 4, 8]))
+def test_mask_is_exactly_the_entries_at_or_above_the_kth_largest(x, fraction, radix_bits):
+  mask = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, radix_bits=radix_bits))
+  k = max(1, math.floor(fraction * x.size))
+  kth = np.sort(np.abs(x).ravel())[::-1][k - 1]
+  np.testing.assert_array_equal(mask, np.abs(x) >= kth)
+  assert mask.sum() >= k
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=tie_heavy(), fraction=fractions)
+def test_traced_fraction_gives_the_same_mask(x, fraction):
+  traced = jax.jit(mofo_jax.top_fraction_mask)(jnp.asarray(x), jnp.float32(fraction))
+  static = mofo_jax.top_fraction_mask(jnp.asarray(x), float(np.float32(fraction)))
+  np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=tie_heavy(), fraction=fractions, data=st.data())
+def test_block_axes_rank_each_slice_separately(x, fraction, data):
+  axes = tuple(sorted(data.draw(st.sets(st.integers(0, x.ndim - 1), max_size=x.ndim))))
+  spec = mofo_jax.BlockSpec(axes=axes)
+  got = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, partition=spec))
+  np.testing.assert_array_equal(got, reference.block_mask(x, fraction, axes))
+
+
+def test_per_head_blocks_through_reshape():
+  x = np.random.default_rng(0).normal(size=(6, 4 * 8)).astype(np.float32)
+  spec = mofo_jax.BlockSpec(reshape=(6, 4, 8), axes=(1,))
+  got = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), 0.1, partition=spec))
+  np.testing.assert_array_equal(got, reference.block_mask(x, 0.1, (1,), reshape=(6, 4, 8)))
+  assert got.reshape(6, 4, 8).sum(axis=(0, 2)).tolist() == [4, 4, 4, 4]
+
+
+def test_global_block_ranks_the_whole_tree_together():
+  rng = np.random.default_rng(1)
+  tree = {"a": rng.normal(size=(10, 10)), "b": 5 * rng.normal(size=(3, 4)), "c": rng.normal(size=(7,))}
+  tree = {k: v.astype(np.float32) for k, v in tree.items()}
+  got = mofo_jax.top_fraction_mask(jax.tree.map(jnp.asarray, tree), 0.1, partition="global")
+  flat = np.concatenate([v.ravel() for v in tree.values()])
+  want = reference.top_fraction_mask(flat, 0.1)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(got[k]).ravel() for k in tree]), want)
+
+
+def test_nan_and_inf_rank_first_and_never_hang():
+  x = jnp.array([1.0, jnp.nan, -jnp.inf, 2.0, 0.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+  mask = np.asarray(mofo_jax.top_fraction_mask(x, 0.2))
+  assert mask.tolist() == [False, True, True] + [False] * 7
+
+
+def test_selection_reports_threshold_and_count():
+  x = jnp.array([[1.0, 2.0, 2.0, 3.0], [4.0, 4.0, 0.5, 0.1]])
+  (sel,) = mofo_jax.select_blocks([x], [mofo_jax.BlockSpec(axes=(0,))], 0.25)
+  np.testing.assert_array_equal(sel.threshold, [[3.0], [4.0]])
+  np.testing.assert_array_equal(sel.num_selected, [[1], [2]])
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_fraction_out_of_range_is_a_value_error_naming_it(bad):
+  with pytest.raises(ValueError, match=str(bad)):
+    mofo_jax.top_fraction_mask(jnp.ones(3), bad)
+
+
+def test_bad_block_specs_are_clear_errors():
+  with pytest.raises(ValueError, match="axis 2"):
+    mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5, partition=mofo_jax.BlockSpec(axes=(2,)))
+  with pytest.raises(ValueError, match="reshape"):
+    mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5,
+                               partition=mofo_jax.BlockSpec(reshape=(5,), axes=()))
+  with pytest.raises(ValueError, match="partition="):
+    mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5, partition="rows")
