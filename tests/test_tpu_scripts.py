@@ -183,6 +183,10 @@ def test_without_gcloud_says_so(tmp_path):
 )
 def test_real_run_matches_dry_run(tmp_path, script, args):
     """Without --dry-run the scripts run exactly the commands they print."""
+    if script == "install.sh" and subprocess.run(
+        ["git", "-C", str(SCRIPTS.parent), "rev-parse", "HEAD"], capture_output=True
+    ).returncode:
+        pytest.skip("install.sh archives the git HEAD; this is not a git checkout")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "gcloud.log"

@@ -240,6 +240,11 @@ def parse_answer(text: str, marker: str = "Answer:") -> int | None:
 
     Returns:
       The integer, or ``None`` if there is none.
+
+    >>> parse_answer("Question: 3 apples and 4 more? Answer: 7 apples")
+    7
+    >>> parse_answer(" 12, I think")
+    12
     """
     at = text.find(marker)
     rest = text if at < 0 else text[at + len(marker):]
