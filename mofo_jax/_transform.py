@@ -18,6 +18,7 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 FilterMask = Union[None, Any, Callable[[Any], Any]]
 
 SCORES = ("momentum", "gradient", "update", "random")
+SELECTIONS = ("exact",)
 
 
 class ScaleByMoFOState(NamedTuple):
@@ -100,9 +101,15 @@ def _init_telemetry(tree: Any, filtered: list[bool],
   return _telemetry.init_telemetry(tree, treedef.unflatten(shapes))
 
 
+def _check_selection(selection: str) -> None:
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}.")
+
+
 def _select(scores: list[jax.Array], filtered: list[bool], specs: list[_partition.BlockSpec],
-            is_global: bool, fraction: Any):
+            is_global: bool, fraction: Any, selection: str):
   """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
+  del selection  # "exact" is the only strategy so far
   idx = [i for i, f in enumerate(filtered) if f]
   sels = _selection.select_blocks([scores[i] for i in idx], [specs[i] for i in idx], fraction,
                                   global_block=is_global)
@@ -130,6 +137,7 @@ def scale_by_mofo(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     seed: int = 0,
+    selection: str = "exact",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
 
@@ -169,6 +177,7 @@ def scale_by_mofo(
     mu_dtype: dtype of the first moment; default float32.
     nu_dtype: dtype of the second moment; default float32.
     seed: seed of the random masks of ``score="random"``.
+    selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting).
 
   Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
   injected; name a callable ``filter_mask`` or ``partition`` in ``static_args``, or it would be
@@ -194,6 +203,7 @@ def scale_by_mofo(
   """
   if score not in SCORES:
     raise ValueError(f"score={score!r} must be one of {SCORES}.")
+  _check_selection(selection)
   fraction_at = _fraction_fn(fraction)
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.dtype(jnp.float32)
   nu_dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else jnp.dtype(jnp.float32)
@@ -244,7 +254,7 @@ def scale_by_mofo(
                     for i, (u, f) in enumerate(zip(directions, filtered))]
     else:
       scores = {"momentum": mus, "gradient": leaves, "update": directions}[score]
-      masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac)
+      masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
 
     new_updates = [
         (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
@@ -264,6 +274,7 @@ def keep_top_fraction(
     *,
     filter_mask: FilterMask = None,
     partition: _partition.Partition = None,
+    selection: str = "exact",
 ) -> optax.GradientTransformation:
   r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
 
@@ -275,6 +286,7 @@ def keep_top_fraction(
     fraction: fraction of each block to keep, in (0, 1], or a schedule (clipped into [0, 1]).
     filter_mask: which leaves are filtered (default ``ndim >= 2``); others pass unchanged.
     partition: how a leaf is cut into blocks (see :func:`scale_by_mofo`).
+    selection: how thresholds are found (see :func:`scale_by_mofo`).
 
   Returns:
     An ``optax.GradientTransformation`` with a :class:`KeepTopFractionState`.
@@ -293,6 +305,7 @@ def keep_top_fraction(
     Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
     Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
   """
+  _check_selection(selection)
   fraction_at = _fraction_fn(fraction)
 
   def init_fn(params):
@@ -308,7 +321,7 @@ def keep_top_fraction(
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
     masks, kept, thresholds = _select(leaves, filtered, specs, is_global,
-                                      fraction_at(state.count))
+                                      fraction_at(state.count), selection)
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
     telemetry = state.telemetry._replace(num_updated=treedef.unflatten(kept),
                                          threshold=treedef.unflatten(thresholds))
@@ -333,6 +346,7 @@ def mofo(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     seed: int = 0,
+    selection: str = "exact",
 ) -> optax.GradientTransformation:
   r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
 
@@ -358,6 +372,7 @@ def mofo(
     mu_dtype: dtype of the first moment (default float32).
     nu_dtype: dtype of the second moment (default float32).
     seed: seed of ``score="random"``.
+    selection: how thresholds are found (see :func:`scale_by_mofo`).
 
   Returns:
     ``optax.chain(scale_by_mofo(...), add_decayed_weights(...), scale_by_learning_rate(...))``.
@@ -379,7 +394,8 @@ def mofo(
   """
   return optax.chain(
       scale_by_mofo(fraction, b1, b2, eps, filter_mask=filter_mask, partition=partition,
-                    score=score, mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed),
+                    score=score, mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed,
+                    selection=selection),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
