@@ -4,10 +4,13 @@ MoFO (Chen et al., arXiv 2407.20999) fine-tunes with Adam but moves, in every pa
 only the entries of largest momentum magnitude, so the model forgets less of what it knew.
 """
 
+from mofo_jax._local import LocalSelection
+from mofo_jax._local import local_selection
 from mofo_jax._partition import BlockSpec
 from mofo_jax._selection import BlockSelection
 from mofo_jax._selection import select_blocks
 from mofo_jax._selection import top_fraction_mask
+from mofo_jax._sharding import state_shardings
 from mofo_jax._telemetry import MoFOTelemetry
 from mofo_jax._telemetry import telemetry_summary
 from mofo_jax._transform import KeepTopFractionState
@@ -22,12 +25,15 @@ __all__ = [
     "BlockSelection",
     "BlockSpec",
     "KeepTopFractionState",
+    "LocalSelection",
     "MoFOTelemetry",
     "ScaleByMoFOState",
     "keep_top_fraction",
+    "local_selection",
     "mofo",
     "scale_by_mofo",
     "select_blocks",
+    "state_shardings",
     "telemetry_summary",
     "top_fraction_mask",
 ]

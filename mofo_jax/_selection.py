@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mofo_jax import _partition
+from mofo_jax import _sharding
 
 _KEY_BITS = 32
 
@@ -119,12 +120,16 @@ def select_blocks(
       new_counts.append(jnp.where(digit > 0, reached, c))
     return new_prefixes, new_counts
 
-  init_prefixes = [jnp.zeros(bs, jnp.uint32) for bs in block_shapes]
+  # Under Explicit sharding the carry must start sharded like the per-block counts come back.
+  carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
+  init_prefixes = [jnp.zeros(bs, jnp.uint32, out_sharding=sh)
+                   for bs, sh in zip(block_shapes, carry_shardings)]
   if global_block:
-    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32) for bs in block_shapes]
+    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
+                   for bs, sh in zip(block_shapes, carry_shardings)]
   else:
-    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32)
-                   for bs, v, spec in zip(block_shapes, views, specs)]
+    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
+                   for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)]
   if views:
     prefixes, counts = lax.fori_loop(0, _KEY_BITS // radix_bits, body,
                                      (init_prefixes, init_counts))

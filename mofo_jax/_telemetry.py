@@ -17,13 +17,12 @@ class MoFOTelemetry(NamedTuple):
   #                 |score| per block (0 for dense leaves)
 
 
-def init_telemetry(params: Any, block_shapes: Any) -> MoFOTelemetry:
-  """Telemetry before the first step: nothing updated yet."""
+def init_telemetry(params: Any, thresholds: Any) -> MoFOTelemetry:
+  """Telemetry before the first step: nothing updated yet; ``thresholds`` are the zeros."""
   return MoFOTelemetry(
       num_updated=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
       num_entries=jax.tree.map(lambda p: jnp.asarray(np.size(p), jnp.int32), params),
-      threshold=jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), block_shapes,
-                             is_leaf=lambda x: isinstance(x, tuple)),
+      threshold=thresholds,
   )
 
 

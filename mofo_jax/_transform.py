@@ -10,15 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mofo_jax import _local
 from mofo_jax import _partition
 from mofo_jax import _selection
+from mofo_jax import _sharding
 from mofo_jax import _telemetry
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 FilterMask = Union[None, Any, Callable[[Any], Any]]
 
 SCORES = ("momentum", "gradient", "update", "random")
-SELECTIONS = ("exact",)
+SELECTIONS = ("exact", "local")
 
 
 class ScaleByMoFOState(NamedTuple):
@@ -94,22 +96,34 @@ def _block_specs(partition: _partition.Partition, tree: Any,
   return is_global, spec_leaves
 
 
-def _init_telemetry(tree: Any, filtered: list[bool],
-                    specs: list[_partition.BlockSpec]) -> _telemetry.MoFOTelemetry:
+def _zero_thresholds(leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec],
+                     selection: Any) -> list[jax.Array]:
+  """Telemetry thresholds before a selection, with the shape (and, under Explicit mesh axes,
+  the sharding) the selection gives them, so the state's type never changes."""
+  if _local.is_local(selection):
+    return _local.initial_thresholds(leaves, filtered, specs, selection)
+  return [jnp.zeros(sp.block_shape(np.shape(x)), jnp.float32,
+                    out_sharding=_sharding.block_sharding(x, sp))
+          if f else jnp.zeros((), jnp.float32) for x, f, sp in zip(leaves, filtered, specs)]
+
+
+def _init_telemetry(tree: Any, filtered: list[bool], specs: list[_partition.BlockSpec],
+                    selection: Any) -> _telemetry.MoFOTelemetry:
   leaves, treedef = jax.tree.flatten(tree)
-  shapes = [sp.block_shape(np.shape(x)) if f else () for x, f, sp in zip(leaves, filtered, specs)]
-  return _telemetry.init_telemetry(tree, treedef.unflatten(shapes))
+  return _telemetry.init_telemetry(
+      tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection)))
 
 
-def _check_selection(selection: str) -> None:
-  if selection not in SELECTIONS:
+def _check_selection(selection: Any) -> None:
+  if not isinstance(selection, _local.LocalSelection) and selection not in SELECTIONS:
     raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}.")
 
 
 def _select(scores: list[jax.Array], filtered: list[bool], specs: list[_partition.BlockSpec],
-            is_global: bool, fraction: Any, selection: str):
+            is_global: bool, fraction: Any, selection: Any):
   """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
-  del selection  # "exact" is the only strategy so far
+  if _local.is_local(selection):
+    return _local.select_local(scores, filtered, specs, is_global, fraction, selection)
   idx = [i for i, f in enumerate(filtered) if f]
   sels = _selection.select_blocks([scores[i] for i in idx], [specs[i] for i in idx], fraction,
                                   global_block=is_global)
@@ -137,7 +151,7 @@ def scale_by_mofo(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     seed: int = 0,
-    selection: str = "exact",
+    selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
 
@@ -177,7 +191,11 @@ def scale_by_mofo(
     mu_dtype: dtype of the first moment; default float32.
     nu_dtype: dtype of the second moment; default float32.
     seed: seed of the random masks of ``score="random"``.
-    selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting).
+    selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting;
+      on sharded leaves this costs small all-reduces of counts), or per shard with no
+      communication, which is not the paper's MoFO (see :func:`mofo_jax.local_selection`):
+      ``mofo_jax.local_selection(mesh, specs)``, or ``"local"`` to read the mesh and specs from
+      the arrays' types under Explicit mesh axes.
 
   Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
   injected; name a callable ``filter_mask`` or ``partition`` in ``static_args``, or it would be
@@ -216,7 +234,7 @@ def scale_by_mofo(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params, dtype=nu_dtype),
-        telemetry=_init_telemetry(params, filtered, specs),
+        telemetry=_init_telemetry(params, filtered, specs, selection),
     )
 
   def update_fn(updates, state, params=None):
@@ -227,14 +245,19 @@ def scale_by_mofo(
     count_inc = optax.safe_increment(state.count)
     frac = fraction_at(state.count)
 
+    # Bias corrections as reciprocals, multiplied in: XLA rewrites a division by a broadcast
+    # scalar into this only where its fusion allows, so a sharded and an unsharded program would
+    # otherwise round differently. Spelled out, every layout computes the same bits.
+    inv_bc1 = 1 / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
+    inv_bc2 = 1 / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
     mus, nus, directions = [], [], []
     for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu),
                          treedef.flatten_up_to(state.nu)):
       g32 = g.astype(jnp.float32)
       m = (b1 * mu.astype(jnp.float32) + (1 - b1) * g32).astype(mu_dtype)
       v = (b2 * nu.astype(jnp.float32) + (1 - b2) * g32 * g32).astype(nu_dtype)
-      m_hat = m.astype(jnp.float32) / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
-      v_hat = v.astype(jnp.float32) / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
+      m_hat = m.astype(jnp.float32) * inv_bc1
+      v_hat = v.astype(jnp.float32) * inv_bc2
       mus.append(m)
       nus.append(v)
       directions.append(m_hat / (jnp.sqrt(v_hat) + eps))
@@ -250,8 +273,7 @@ def scale_by_mofo(
         else:
           masks.append(None)
           kept.append(jnp.asarray(u.size, jnp.int32))
-      thresholds = [jnp.zeros(specs[i].block_shape(u.shape) if f else (), jnp.float32)
-                    for i, (u, f) in enumerate(zip(directions, filtered))]
+      thresholds = _zero_thresholds(directions, filtered, specs, selection)
     else:
       scores = {"momentum": mus, "gradient": leaves, "update": directions}[score]
       masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
@@ -274,7 +296,7 @@ def keep_top_fraction(
     *,
     filter_mask: FilterMask = None,
     partition: _partition.Partition = None,
-    selection: str = "exact",
+    selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
 
@@ -313,7 +335,7 @@ def keep_top_fraction(
     filtered = _resolve_filter_mask(filter_mask, params)
     _, specs = _block_specs(partition, params, filtered)
     return KeepTopFractionState(count=jnp.zeros([], jnp.int32),
-                                telemetry=_init_telemetry(params, filtered, specs))
+                                telemetry=_init_telemetry(params, filtered, specs, selection))
 
   def update_fn(updates, state, params=None):
     del params
@@ -346,7 +368,7 @@ def mofo(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     seed: int = 0,
-    selection: str = "exact",
+    selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
 
