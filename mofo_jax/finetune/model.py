@@ -478,12 +478,15 @@ class LlamaModel(nnx.Module):
         x = self.embed_tokens(input_ids)
         step = _layer_step_remat if c.remat else _layer_step
         if c.scan_layers:
-            scan = nnx.scan(
-                lambda x, layer: (step(layer, x, cos, sin, mask), None),
-                in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            x, _ = scan(x, self.layers)
+            # A plain lax.scan over the split state, rebuilding one layer per step: unlike
+            # nnx.scan it also works when the model is closed over by an inner JAX transform
+            # (e.g. a fori_loop inside jit), where nnx rejects Variables of an outer trace.
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, layer_state):
+                return step(nnx.merge(graphdef, layer_state), x, cos, sin, mask), None
+
+            x, _ = jax.lax.scan(body, x, stacked)
         else:
             for layer in self.layers:
                 x = step(layer, x, cos, sin, mask)
@@ -569,10 +572,10 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_R
     nnx.update(model, jax.device_put(state, param_shardings(model, mesh, rules)))
 
 
-@nnx.jit(static_argnums=(2, 3))
-def _greedy_loop(model, buf, start, steps):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _greedy_loop(graphdef, state, buf, start, steps):
     def body(i, buf):
-        logits = model(buf)
+        logits = nnx.merge(graphdef, state)(buf)
         nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, start + i - 1, 1, False), -1)
         return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), start + i, 1)
 
@@ -595,4 +598,5 @@ def greedy_generate(model: LlamaForCausalLM, input_ids, max_new_tokens: int) -> 
     """
     ids = jnp.atleast_2d(jnp.asarray(input_ids, dtype=jnp.int32))
     buf = jnp.pad(ids, ((0, 0), (0, max_new_tokens)))
-    return _greedy_loop(model, buf, ids.shape[1], max_new_tokens)
+    graphdef, state = nnx.split(model)
+    return _greedy_loop(graphdef, state, buf, ids.shape[1], max_new_tokens)

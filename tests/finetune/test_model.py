@@ -228,16 +228,16 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     mesh = jax.make_mesh((1, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     ids = np.random.RandomState(0).randint(0, 96, (2, 16)).astype(np.int32)
-    for scan in (False, True):
-        model = random_model(tiny_config(scan_layers=scan))
-        ref = np.asarray(forward(model, ids))
-        shard_model(model, mesh)
-        emb = model.model.embed_tokens.embedding[...]
-        assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding
-        assert len(emb.addressable_shards) == 4
-        assert emb.addressable_shards[0].data.shape == (48, 32)
-        out = forward(model, ids)
-        np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5)
+    model = random_model(tiny_config(scan_layers=True))
+    ref = np.asarray(forward(model, ids))
+    shard_model(model, mesh)
+    emb = model.model.embed_tokens.embedding[...]
+    assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding
+    assert [s.data.shape for s in emb.addressable_shards] == [(48, 32)] * 4
+    q = model.model.layers.self_attn.q_proj.kernel[...]
+    assert [s.data.shape for s in q.addressable_shards] == [(2, 32, 32)] * 4
+    out = forward(model, ids)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=5e-5)
     print("SHARDED-OK")
 """)
 
@@ -251,8 +251,9 @@ def test_sharded_model_on_four_cpu_devices():
     assert "SHARDED-OK" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_greedy_generate_matches_argmax_chain():
-    model = random_model(tiny_config())
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_generate_matches_argmax_chain(scan):
+    model = random_model(tiny_config(scan_layers=scan))
     prompt = np.random.RandomState(3).randint(0, 96, (2, 5)).astype(np.int32)
     out = np.asarray(greedy_generate(model, prompt, 6))
     assert out.shape == (2, 11) and (out[:, :5] == prompt).all()
