@@ -37,7 +37,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
 )
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = ("float32", "bfloat16")
 _MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -118,7 +118,7 @@ class LlamaConfig:
         for name in ("dtype", "param_dtype"):
             dt = jnp.dtype(getattr(self, name))
             if dt.name not in _DTYPES:
-                raise ValueError(f"{name}={dt.name} is not supported (use one of {list(_DTYPES)})")
+                raise ValueError(f"{name}={dt.name} is not supported (use one of {_DTYPES})")
             set_(name, dt)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -224,8 +224,9 @@ class LlamaConfig:
         Returns:
           A JSON-serialisable dict (transformers-4 style keys, which transformers 5 also reads).
         """
+        arch = "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"
         d: dict[str, Any] = {
-            "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [arch],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -258,7 +259,6 @@ def _meta(*names: str) -> dict[str, Any]:
     return {"out_sharding": names, "eager_sharding": False}
 
 
-@functools.lru_cache(maxsize=16)
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
     """RoPE inverse frequencies, with Llama-3 scaling if configured (float32, [head_dim/2])."""
     dim = config.head_dim

@@ -99,7 +99,9 @@ def tokenizer_from_gguf(reader_or_path) -> tokenizers.Tokenizer:
     reader = _reader(reader_or_path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model={kind!r}: only 'gpt2' (byte-level BPE) is supported")
+        raise ValueError(
+            f"tokenizer.ggml.model={kind!r}: only 'gpt2' (byte-level BPE) is supported"
+        )
     pre = _field(reader, "tokenizer.ggml.pre", "smollm")
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(
