@@ -1,0 +1,1 @@
+"""Fine-tuning support: Llama-family model, checkpoint loaders and tokenizer."""
