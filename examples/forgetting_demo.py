@@ -16,6 +16,7 @@ Run: python examples/forgetting_demo.py            (about 10 minutes on 2 CPU co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -48,10 +49,9 @@ def parse_args(argv=None):
   return args
 
 
-def run_all(args) -> dict:
-  """Fine-tunes with each optimizer; returns the settings and each run's evaluation records."""
-  from mofo_jax.finetune import cli, evaluation, optimizers, train
-  from mofo_jax.finetune import data as data_lib
+def load_setup(args):
+  """The pretrained model, tokenizer, training examples and the evaluator, loaded once."""
+  from mofo_jax.finetune import cli, evaluation
 
   config, model, tok = cli.load_model_and_tokenizer(args.model, "float32", False)
   train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
@@ -60,22 +60,35 @@ def run_all(args) -> dict:
       eval_batch_size=args.batch_size, seed=args.seed)
   old_text = evaluation.old_capability_batches(tok.tokenizer, args.seq_len, args.old_batches,
                                                args.batch_size)
-  evaluator = evaluation.Evaluator(task_batches, stop_ids, old_text)
-  runs = {}
-  for name in args.optimizers.split(","):
-    print(f"\n== {name}")
-    cfg = optimizers.OptimizerConfig(name=name, learning_rate=args.lr, fraction=args.fraction,
-                                     warmup_steps=args.warmup_steps, total_steps=args.steps,
-                                     seed=args.seed)
-    trainer = train.make_trainer(model, cfg, "data=1")
-    batches = data_lib.batch_iterator(train_examples, args.batch_size, args.seq_len,
-                                      seed=args.seed, num_epochs=None,
-                                      pad_id=tok.pad_token_id or 0)
-    start = time.perf_counter()
-    records = train.run(trainer, batches, train.LoopConfig(steps=args.steps,
-                                                           eval_every=args.eval_every),
-                        evaluator)
-    runs[name] = {"records": records, "wall_s": time.perf_counter() - start}
+  return model, tok, train_examples, evaluation.Evaluator(task_batches, stop_ids, old_text)
+
+
+def fine_tune(args, setup, label: str, **overrides) -> dict:
+  """One run from the pretrained weights; ``overrides`` change the optimizer configuration."""
+  from mofo_jax.finetune import optimizers, train
+  from mofo_jax.finetune import data as data_lib
+
+  model, tok, train_examples, evaluator = setup
+  print(f"\n== {label}")
+  settings = dict(name="mofo", learning_rate=args.lr, fraction=args.fraction,
+                  warmup_steps=args.warmup_steps, total_steps=args.steps, seed=args.seed)
+  cfg = optimizers.OptimizerConfig(**{**settings, **overrides})
+  trainer = train.make_trainer(model, cfg, "data=1")
+  # The same seed gives every run the same problems in the same order.
+  batches = data_lib.batch_iterator(train_examples, args.batch_size, args.seq_len,
+                                    seed=args.seed, num_epochs=None, pad_id=tok.pad_token_id or 0)
+  start = time.perf_counter()
+  loop = train.LoopConfig(steps=args.steps, eval_every=args.eval_every,
+                          eval_at_start=getattr(args, "eval_at_start", True))
+  records = train.run(trainer, batches, loop, evaluator)
+  return {"records": records, "wall_s": time.perf_counter() - start,
+          "optimizer": dataclasses.asdict(cfg)}
+
+
+def run_all(args) -> dict:
+  """Fine-tunes with each optimizer; returns the settings and each run's evaluation records."""
+  setup = load_setup(args)
+  runs = {name: fine_tune(args, setup, name, name=name) for name in args.optimizers.split(",")}
   return {"settings": vars(args), "runs": runs}
 
 

@@ -283,6 +283,8 @@ class LoopConfig:
     metrics_path: JSONL file receiving one line per evaluation and per logged step.
     log_every: train metrics logged every this many steps.
     progress: show a progress bar.
+    eval_at_start: evaluate before the first step (skip it when comparing many runs from the
+      same weights, whose starting point is measured once).
   """
 
   steps: int
@@ -292,6 +294,7 @@ class LoopConfig:
   metrics_path: str | None = None
   log_every: int = 1
   progress: bool = True
+  eval_at_start: bool = True
 
 
 def run(trainer: Trainer, batches: Iterator[Batch], cfg: LoopConfig,
@@ -342,7 +345,8 @@ def run(trainer: Trainer, batches: Iterator[Batch], cfg: LoopConfig,
   bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
   interrupted = False
   try:
-    do_eval()
+    if cfg.eval_at_start and trainer.state.step == 0:
+      do_eval()
     while trainer.state.step < cfg.steps:
       start = time.perf_counter()
       try:

@@ -3,36 +3,8 @@
 import json
 
 import pytest
-import tokenizers
-from flax import nnx
 
 from mofo_jax.finetune import checkpoints_hf, cli
-from mofo_jax.finetune.model import LlamaConfig, LlamaForCausalLM
-
-TEXT = ("Question: Ann has 3 cards. Ann buys 4 more cards. How many cards does Ann have now?\n"
-        "Answer: 7 The quick brown fox jumps over the lazy dog. 0123456789 ") * 20
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  path = tmp_path_factory.mktemp("ckpt")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-      tokenizers.pre_tokenizers.Digits(individual_digits=True),
-      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([TEXT], trainer)
-  config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       tie_word_embeddings=True)
-  checkpoints_hf.save_hf_checkpoint(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), config, path)
-  tok.save(str(path / "tokenizer.json"))
-  (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-  return path
-
 
 def test_help_reads_well(capsys):
   with pytest.raises(SystemExit) as e:
@@ -43,7 +15,8 @@ def test_help_reads_well(capsys):
     assert flag in out
 
 
-def test_arithmetic_run_writes_metrics_summary_and_model(checkpoint, tmp_path):
+def test_arithmetic_run_writes_metrics_summary_and_model(tiny_checkpoint, tmp_path):
+  checkpoint = tiny_checkpoint
   out = tmp_path / "run"
   code = cli.main(["--model", str(checkpoint), "--steps", "4", "--eval-every", "2",
                    "--train-examples", "64", "--eval-examples", "8", "--seq-len", "128",
@@ -62,7 +35,8 @@ def test_arithmetic_run_writes_metrics_summary_and_model(checkpoint, tmp_path):
   assert (out / "model" / "tokenizer.json").is_file()
 
 
-def test_jsonl_data_and_its_errors(checkpoint, tmp_path):
+def test_jsonl_data_and_its_errors(tiny_checkpoint, tmp_path):
+  checkpoint = tiny_checkpoint
   good = tmp_path / "train.jsonl"
   good.write_text("\n".join(json.dumps({"prompt": f"Q{i}: 1+{i}=", "response": f" {1 + i}"})
                             for i in range(40)))
@@ -75,7 +49,8 @@ def test_jsonl_data_and_its_errors(checkpoint, tmp_path):
     cli.main(["--model", str(checkpoint), "--data", str(bad), "--steps", "1", "--mesh", "data=1"])
 
 
-def test_bad_arguments_are_clear_errors(checkpoint, tmp_path):
+def test_bad_arguments_are_clear_errors(tiny_checkpoint, tmp_path):
+  checkpoint = tiny_checkpoint
   with pytest.raises(FileNotFoundError, match="neither a .gguf file"):
     cli.main(["--model", str(tmp_path / "nowhere"), "--steps", "1"])
   with pytest.raises(SystemExit, match="--steps must be at least 1"):
