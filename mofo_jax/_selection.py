@@ -8,6 +8,14 @@ above ``2**radix_bits - 1`` candidates. Every pass is one fused read of the scor
 reductions, so it is linear in the parameters, shards into tiny all-reduces, and the fraction may
 be a traced value. All leaves share one loop, so the number of passes does not grow with the
 number of leaves.
+
+XLA:CPU does not fuse a comparison into the reduction that consumes it: each candidate costs a
+materialised int32 copy of the scores, which makes counting slow there. On CPU we therefore build
+per-block histograms of 16-bit digits with one scatter-add per leaf and pass: two passes resolve
+all 31 bits of the key. Scatter-adds with many collisions are slow on XLA:GPU, so other backends
+count. ``method="auto"`` picks by platform at lowering time (``lax.platform_dependent``), and
+histograms only where the computation can't be sharded (a single device): a sharded histogram
+would all-reduce 256 KiB per block and pass, where counting all-reduces 60 bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from mofo_jax import _partition
 from mofo_jax import _sharding
 
 _KEY_BITS = 32
+_HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
+METHODS = ("auto", "count", "histogram")
 
 
 class BlockSelection(NamedTuple):
@@ -60,6 +70,7 @@ def select_blocks(
     *,
     global_block: bool = False,
     radix_bits: int = 4,
+    method: str = "auto",
 ) -> list[BlockSelection]:
   """Finds, in every block of every leaf, the k-th largest ``|score|`` and how many reach it.
 
@@ -69,7 +80,11 @@ def select_blocks(
     fraction: the fraction to keep in each block, in (0, 1]; a float or a traced scalar.
     global_block: treat all the leaves together as a single block (specs must be per-leaf).
     radix_bits: bits of the threshold fixed per pass (1, 2, 4 or 8); passes = 32 / radix_bits,
-      each counting ``2**radix_bits - 1`` candidates.
+      each counting ``2**radix_bits - 1`` candidates (``method="count"`` only).
+    method: ``"count"`` (comparisons and sums), ``"histogram"`` (scatter-add histograms of
+      digits, at most 16 bits per pass; under sharding its histograms are all-reduced, and
+      explicitly sharded operands are not supported), or ``"auto"``: histograms on CPU with a
+      single device, counting elsewhere. All give the same results.
 
   Returns:
     One ``BlockSelection`` per leaf. The mask of a leaf is ``|score| >= threshold`` (broadcast
@@ -78,6 +93,8 @@ def select_blocks(
   """
   if radix_bits not in (1, 2, 4, 8):
     raise ValueError(f"radix_bits={radix_bits} must be 1, 2, 4 or 8.")
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} must be one of {METHODS}.")
   views = [jnp.reshape(s, spec.view_shape(s.shape)) for s, spec in zip(scores, specs)]
   reduce_axes = []
   for v, spec in zip(views, specs):
@@ -92,6 +109,35 @@ def select_blocks(
   else:
     ks = [num_to_select(fraction, spec.block_size(v.shape)) for v, spec in zip(views, specs)]
 
+  # Under Explicit sharding the search's carry must start sharded like the per-block counts
+  # come back.
+  carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
+  if global_block:
+    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
+                   for bs, sh in zip(block_shapes, carry_shardings)]
+  else:
+    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
+                   for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)]
+  if not views:
+    return []
+  args = (views, reduce_axes, ks, init_counts, global_block)
+  count = lambda *a: _count_search(*a, radix_bits=radix_bits)
+  hist = _histogram_search
+  # Several devices: the operands may be sharded, and counting then communicates far less
+  # (scatters into a replicated histogram also cannot take explicitly sharded operands).
+  if method == "count" or (method == "auto" and jax.device_count() > 1):
+    prefixes, counts = count(*args)
+  elif method == "histogram":
+    prefixes, counts = hist(*args)
+  else:
+    # Only the branch of the platform compiled for is lowered.
+    prefixes, counts = lax.platform_dependent(
+        views, cpu=lambda v: hist(v, *args[1:]), default=lambda v: count(v, *args[1:]))
+  return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
+
+
+def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bits):
+  """Fixes ``radix_bits`` bits per pass by counting entries at or above each candidate."""
   num_digits = 1 << radix_bits
   digits = jnp.arange(1, num_digits, dtype=jnp.uint32)
 
@@ -120,22 +166,90 @@ def select_blocks(
       new_counts.append(jnp.where(digit > 0, reached, c))
     return new_prefixes, new_counts
 
-  # Under Explicit sharding the carry must start sharded like the per-block counts come back.
-  carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
-  init_prefixes = [jnp.zeros(bs, jnp.uint32, out_sharding=sh)
-                   for bs, sh in zip(block_shapes, carry_shardings)]
-  if global_block:
-    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
-                   for bs, sh in zip(block_shapes, carry_shardings)]
-  else:
-    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
-                   for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)]
-  if views:
-    prefixes, counts = lax.fori_loop(0, _KEY_BITS // radix_bits, body,
-                                     (init_prefixes, init_counts))
-  else:
-    prefixes, counts = [], []
-  return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
+  # zeros_like keeps the counts' sharding, which an Explicit-sharded carry must match.
+  init_prefixes = [jnp.zeros_like(c, jnp.uint32) for c in init_counts]
+  return lax.fori_loop(0, _KEY_BITS // radix_bits, body, (init_prefixes, init_counts))
+
+
+def _block_ids(shape, reduce_axes):
+  """Row-major index of each entry's block, built from iotas (never stored by the caller)."""
+  ids = jnp.zeros(shape, jnp.int32)
+  for axis in range(len(shape)):
+    if axis not in reduce_axes:
+      ids = ids * shape[axis] + lax.broadcasted_iota(jnp.int32, shape, axis)
+  return ids
+
+
+def _scatter_counts(view, axes, bins, bin_of):
+  """Per-block histogram ``[*block_shape, bins]`` of ``bin_of(keys)``; entries whose bin is
+  ``bins`` or more are dropped."""
+  b = bin_of(score_keys(view))
+  nblocks = math.prod(d for i, d in enumerate(view.shape) if i not in axes)
+  idx = jnp.where(b < bins, _block_ids(view.shape, axes) * bins + b, nblocks * bins)
+  # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
+  # rejected for explicitly sharded operands.
+  hist = lax.scatter_add(
+      jnp.zeros(nblocks * bins, jnp.int32), idx[..., None], jnp.ones(idx.shape, jnp.int32),
+      lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                  scatter_dims_to_operand_dims=(0,)),
+      mode=lax.GatherScatterMode.FILL_OR_DROP)
+  shape = tuple(1 if i in axes else d for i, d in enumerate(view.shape))
+  return hist.reshape(shape + (bins,))
+
+
+def _resolve_digit(hist, above, k):
+  """The bin of a block's histogram (bins in key order, a power of two) holding the k-th
+  largest, given ``above`` entries above every bin: returns the bin, the entries at or above
+  it, and the entries above it."""
+  bins = hist.shape[-1]
+  if bins > 256:
+    # Two levels (row sums, then one row) instead of a scan over every bin.
+    rows = 1 << (bins.bit_length() - 1) // 2
+    grid = hist.reshape(hist.shape[:-1] + (rows, bins // rows))
+    row, _, row_above = _resolve_digit(jnp.sum(grid, axis=-1), above, k)
+    col, count, new_above = _resolve_digit(
+        jnp.take_along_axis(grid, row[..., None, None], axis=-2)[..., 0, :], row_above, k)
+    return row * (bins // rows) + col, count, new_above
+  at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+  digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
+  count = jnp.take_along_axis(at_or_above, digit[..., None], axis=-1)[..., 0]
+  return digit, count, count - jnp.take_along_axis(hist, digit[..., None], axis=-1)[..., 0]
+
+
+def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
+  """Fixes up to 16 bits per pass from per-block histograms of the next digit.
+
+  Invariant per block: the k-th largest key starts with ``prefix`` and ``above`` entries lie
+  above every key with that prefix. Each pass histograms the next digit of the entries that
+  share the prefix; the digit is the largest one whose entries and those above reach k.
+  """
+  # Digits no wider than a block's size keep the histograms of many small blocks (rows, heads)
+  # about as large as the leaf; a global block is one block per leaf.
+  widths = [_HIST_BITS if global_block else
+            max(4, min(_HIST_BITS, (v.size // max(1, c.size)).bit_length()))
+            for v, c in zip(views, init_counts)]
+  prefixes = [jnp.zeros_like(c, jnp.uint32) for c in init_counts]
+  above = [jnp.zeros_like(c) for c in init_counts]
+  counts = list(init_counts)
+  tops = [_KEY_BITS - 1] * len(views)  # |score| clears the sign bit
+  while any(tops):
+    todo = [i for i, t in enumerate(tops) if t > 0]
+    lows = {i: max(0, tops[i] - widths[i]) for i in todo}
+    bins = [1 << (tops[i] - lows[i]) for i in todo]
+    # Entries outside the prefix fixed so far go to the dropped bin.
+    bin_ofs = [lambda keys, p=prefixes[i], top=tops[i], low=lows[i], n=n: jnp.where(
+        (keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
+               for i, n in zip(todo, bins)]
+    hists = [_scatter_counts(views[i], reduce_axes[i], n, bin_of)
+             for i, n, bin_of in zip(todo, bins, bin_ofs)]
+    if global_block:
+      total = sum(h.reshape(-1) for h in hists)
+      hists = [total.reshape(h.shape) for h in hists]
+    for i, h in zip(todo, hists):
+      digit, counts[i], above[i] = _resolve_digit(h, above[i], ks[i])
+      prefixes[i] = prefixes[i] | (digit.astype(jnp.uint32) << lows[i])
+      tops[i] = lows[i]
+  return prefixes, counts
 
 
 def block_mask(score: jax.Array, spec: _partition.BlockSpec,
@@ -152,6 +266,7 @@ def top_fraction_mask(
     *,
     partition: _partition.Partition = None,
     radix_bits: int = 4,
+    method: str = "auto",
 ) -> Any:
   r"""Marks, in every block, the entries whose magnitude is among the top ``fraction``.
 
@@ -170,6 +285,7 @@ def top_fraction_mask(
     partition: ``None``/``"leaf"`` (each leaf is a block), ``"global"`` (the whole tree is one
       block), a ``BlockSpec``, or a pytree/callable of ``BlockSpec`` (see :class:`BlockSpec`).
     radix_bits: bits fixed per counting pass (1, 2, 4 or 8).
+    method: ``"auto"``, ``"count"`` or ``"histogram"`` (see :func:`select_blocks`).
 
   Returns:
     A pytree of boolean arrays shaped like ``scores``.
@@ -190,6 +306,6 @@ def top_fraction_mask(
   leaves, treedef = jax.tree.flatten(scores)
   spec_leaves = treedef.flatten_up_to(specs)
   sels = select_blocks(leaves, spec_leaves, fraction, global_block=is_global,
-                       radix_bits=radix_bits)
+                       radix_bits=radix_bits, method=method)
   masks = [block_mask(s, sp, sel.threshold) for s, sp, sel in zip(leaves, spec_leaves, sels)]
   return treedef.unflatten(masks)

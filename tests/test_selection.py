@@ -36,9 +36,11 @@ def tie_heavy(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=tie_heavy(), fraction=fractions, radix_bits=st.sampled_from([1, 2, 4, 8]))
-def test_mask_is_exactly_the_entries_at_or_above_the_kth_largest(x, fraction, radix_bits):
-  mask = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, radix_bits=radix_bits))
+@given(x=tie_heavy(), fraction=fractions, radix_bits=st.sampled_from([1, 2, 4, 8]),
+       method=st.sampled_from(["count", "histogram"]))
+def test_mask_is_exactly_the_entries_at_or_above_the_kth_largest(x, fraction, radix_bits, method):
+  mask = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, radix_bits=radix_bits,
+                                               method=method))
   k = max(1, math.floor(fraction * x.size))
   kth = np.sort(np.abs(x).ravel())[::-1][k - 1]
   np.testing.assert_array_equal(mask, np.abs(x) >= kth)
@@ -54,11 +56,13 @@ def test_traced_fraction_gives_the_same_mask(x, fraction):
 
 
 @settings(max_examples=30, deadline=None)
-@given(x=tie_heavy(), fraction=fractions, data=st.data())
-def test_block_axes_rank_each_slice_separately(x, fraction, data):
+@given(x=tie_heavy(), fraction=fractions, data=st.data(),
+       method=st.sampled_from(["count", "histogram"]))
+def test_block_axes_rank_each_slice_separately(x, fraction, data, method):
   axes = tuple(sorted(data.draw(st.sets(st.integers(0, x.ndim - 1), max_size=x.ndim))))
   spec = mofo_jax.BlockSpec(axes=axes)
-  got = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, partition=spec))
+  got = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, partition=spec,
+                                              method=method))
   np.testing.assert_array_equal(got, reference.block_mask(x, fraction, axes))
 
 
@@ -70,27 +74,51 @@ def test_per_head_blocks_through_reshape():
   assert got.reshape(6, 4, 8).sum(axis=(0, 2)).tolist() == [4, 4, 4, 4]
 
 
-def test_global_block_ranks_the_whole_tree_together():
+@pytest.mark.parametrize("method", ["count", "histogram"])
+def test_global_block_ranks_the_whole_tree_together(method):
   rng = np.random.default_rng(1)
   tree = {"a": rng.normal(size=(10, 10)), "b": 5 * rng.normal(size=(3, 4)), "c": rng.normal(size=(7,))}
   tree = {k: v.astype(np.float32) for k, v in tree.items()}
-  got = mofo_jax.top_fraction_mask(jax.tree.map(jnp.asarray, tree), 0.1, partition="global")
+  got = mofo_jax.top_fraction_mask(jax.tree.map(jnp.asarray, tree), 0.1, partition="global",
+                                   method=method)
   flat = np.concatenate([v.ravel() for v in tree.values()])
   want = reference.top_fraction_mask(flat, 0.1)
   np.testing.assert_array_equal(np.concatenate([np.asarray(got[k]).ravel() for k in tree]), want)
 
 
-def test_nan_and_inf_rank_first_and_never_hang():
+@pytest.mark.parametrize("method", ["count", "histogram"])
+def test_nan_and_inf_rank_first_and_never_hang(method):
   x = jnp.array([1.0, jnp.nan, -jnp.inf, 2.0, 0.0, 3.0, 4.0, 5.0, 6.0, 7.0])
-  mask = np.asarray(mofo_jax.top_fraction_mask(x, 0.2))
+  mask = np.asarray(mofo_jax.top_fraction_mask(x, 0.2, method=method))
   assert mask.tolist() == [False, True, True] + [False] * 7
 
 
-def test_selection_reports_threshold_and_count():
+@pytest.mark.parametrize("method", ["count", "histogram"])
+def test_selection_reports_threshold_and_count(method):
   x = jnp.array([[1.0, 2.0, 2.0, 3.0], [4.0, 4.0, 0.5, 0.1]])
-  (sel,) = mofo_jax.select_blocks([x], [mofo_jax.BlockSpec(axes=(0,))], 0.25)
+  (sel,) = mofo_jax.select_blocks([x], [mofo_jax.BlockSpec(axes=(0,))], 0.25, method=method)
   np.testing.assert_array_equal(sel.threshold, [[3.0], [4.0]])
   np.testing.assert_array_equal(sel.num_selected, [[1], [2]])
+
+
+def test_histogram_and_count_agree_on_large_blocks_of_many_magnitudes():
+  # Wide dynamic range and many blocks: every digit of both passes is exercised.
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(6, 50_000)) * 10.0 ** rng.integers(-20, 20, size=(6, 50_000)))
+  x = jnp.asarray(x.astype(np.float32))
+  spec = [mofo_jax.BlockSpec(axes=(0,))]
+  want = mofo_jax.select_blocks([x], spec, 0.05, method="count")[0]
+  got = mofo_jax.select_blocks([x], spec, 0.05, method="histogram")[0]
+  np.testing.assert_array_equal(got.threshold, want.threshold)
+  np.testing.assert_array_equal(got.num_selected, want.num_selected)
+
+
+def test_auto_method_under_jit_matches_counting():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32))
+  got = jax.jit(lambda s: mofo_jax.top_fraction_mask(s, 0.1))(x)
+  np.testing.assert_array_equal(got, mofo_jax.top_fraction_mask(x, 0.1, method="count"))
+  with pytest.raises(ValueError, match="method="):
+    mofo_jax.top_fraction_mask(x, 0.1, method="sort")
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])

@@ -1,0 +1,82 @@
+"""selection="approx": thresholds from a fixed sample of each block, one pass over the params."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mofo_jax
+
+
+def _big_tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32),
+          "e": jnp.asarray(rng.standard_t(3, size=(2048, 640)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(1024,)), jnp.float32)}
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1])
+def test_fraction_on_large_blocks_is_close_and_telemetry_counts_what_moved(fraction):
+  params = _big_tree()
+  opt = mofo_jax.scale_by_mofo(fraction, selection="approx")
+  state = opt.init(params)
+  updates, state = jax.jit(opt.update)(_big_tree(1), state)
+  for name in ("w", "e"):
+    moved = int(jnp.sum(updates[name] != 0))
+    assert int(state.telemetry.num_updated[name]) == moved
+    # 65536 samples: the standard deviation of the kept fraction is ~0.001 at these fractions.
+    assert abs(moved / updates[name].size - fraction) < 0.005
+  assert int(jnp.sum(updates["b"] != 0)) == 1024  # vectors stay dense
+
+
+def test_blocks_smaller_than_the_sample_are_exact():
+  rng = np.random.default_rng(2)
+  params = {"w": jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)}
+  grads = {"w": jnp.asarray(rng.normal(size=(64, 96)), jnp.float32)}
+  spec = mofo_jax.BlockSpec(axes=(0,))
+  outs = []
+  for selection in ("exact", "approx"):
+    opt = mofo_jax.scale_by_mofo(0.1, partition=spec, selection=selection)
+    updates, state = opt.update(grads, opt.init(params))
+    outs.append((np.asarray(updates["w"]), np.asarray(state.telemetry.threshold["w"])))
+  np.testing.assert_array_equal(outs[0][0], outs[1][0])
+  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("partition", ["global", mofo_jax.BlockSpec(axes=(0,))])
+def test_global_and_per_row_blocks(partition):
+  params = _big_tree()
+  opt = mofo_jax.mofo(1e-3, 0.1, partition=partition, selection="approx")
+  state = opt.init(params)
+  _, state = jax.jit(opt.update)(_big_tree(3), state, params)
+  summary = mofo_jax.telemetry_summary(state)
+  mats = params["w"].size + params["e"].size
+  moved = summary["fraction_updated"] * (mats + 1024) - 1024
+  assert abs(moved / mats - 0.1) < 0.01
+
+
+def test_inject_hyperparams_and_jit_compile_once():
+  opt = optax.inject_hyperparams(mofo_jax.mofo, static_args=("selection",))(
+      learning_rate=1e-2, fraction=0.1, selection="approx")
+  params = _big_tree()
+  state = opt.init(params)
+  traces = []
+
+  @jax.jit
+  def step(params, state, g):
+    traces.append(1)
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for t, frac in enumerate([0.1, 0.2]):
+    state.hyperparams["fraction"] = jnp.asarray(frac)
+    params, state = step(params, state, _big_tree(10 + t))
+    got = mofo_jax.telemetry_summary(state)["fraction_updated/['w']"]
+    assert abs(got - frac) < 0.01
+  assert len(traces) == 1
+
+
+def test_unknown_selection_is_a_value_error():
+  with pytest.raises(ValueError, match="approx"):
+    mofo_jax.mofo(1e-3, selection="sampled")
