@@ -122,17 +122,17 @@ def select_blocks(
     return []
   args = (views, reduce_axes, ks, init_counts, global_block)
   count = lambda *a: _count_search(*a, radix_bits=radix_bits)
-  hist = _histogram_search
   # Several devices: the operands may be sharded, and counting then communicates far less
   # (scatters into a replicated histogram also cannot take explicitly sharded operands).
   if method == "count" or (method == "auto" and jax.device_count() > 1):
     prefixes, counts = count(*args)
   elif method == "histogram":
-    prefixes, counts = hist(*args)
+    prefixes, counts = _histogram_search(*args)
   else:
     # Only the branch of the platform compiled for is lowered.
     prefixes, counts = lax.platform_dependent(
-        views, cpu=lambda v: hist(v, *args[1:]), default=lambda v: count(v, *args[1:]))
+        views, cpu=lambda v: _histogram_search(v, *args[1:]),
+        default=lambda v: count(v, *args[1:]))
   return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
 
 
@@ -172,7 +172,12 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
 
 
 def _block_ids(shape, reduce_axes):
-  """Row-major index of each entry's block, built from iotas (never stored by the caller)."""
+  """Row-major index of each entry's block, from iotas (XLA fuses them; no input array).
+
+  With the bin widths of ``_histogram_search``, ``num_blocks * bins`` is at most 65536 or twice
+  the leaf's size (16 times for blocks under 8 entries), so int32 holds it for any leaf under
+  2**27 entries and for larger ones up to 2**30 unless their blocks are that small.
+  """
   ids = jnp.zeros(shape, jnp.int32)
   for axis in range(len(shape)):
     if axis not in reduce_axes:

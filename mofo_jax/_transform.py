@@ -199,13 +199,13 @@ def scale_by_mofo(
     seed: seed of the random masks of ``score="random"``.
     selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting;
       on sharded leaves this costs small all-reduces of counts); ``"approx"``: the k-th largest
-      of a fixed random sample of each block (65536 entries per leaf; the whole block if
-      smaller), so the step is one fused pass over the parameters, and the fraction kept
-      deviates from ``fraction`` by sampling noise (about +-0.0012 at 0.1; the telemetry reports
-      the entries actually updated); or per shard with no communication, which is not the
-      paper's MoFO (see :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh,
-      specs)``, or ``"local"`` to read the mesh and specs from the arrays' types under Explicit
-      mesh axes.
+      of a fixed random sample of each block (65536 entries per leaf of 1M entries or more,
+      1/16 of smaller leaves, at least 4096; the whole block if smaller), so no search runs
+      over the parameters, and the fraction kept deviates from ``fraction`` by sampling noise
+      (about +-0.0012 at 0.1 with 65536 samples; the telemetry reports the entries actually
+      updated); or per shard with no communication, which is not the paper's MoFO (see
+      :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh, specs)``, or
+      ``"local"`` to read the mesh and specs from the arrays' types under Explicit mesh axes.
 
   Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
   injected; name a callable ``filter_mask`` or ``partition`` in ``static_args``, or it would be
