@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -52,7 +51,7 @@ def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):
 
 
 def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path):
-  nbclient = pytest.importorskip("nbclient")
+  import nbclient
   import nbformat
   nb = nbformat.read(EXAMPLES / "colab_demo.ipynb", as_version=4)
   args = " ".join(["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path / "nb"), *TINY_DEMO])
