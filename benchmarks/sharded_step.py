@@ -32,25 +32,40 @@ def main():
   args = parser.parse_args()
   d, n = args.width, args.layers
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  specs = {"embed": P("fsdp", "tp"), "stack": P(None, "fsdp", "tp"), "head": P("fsdp", "tp"),
-           "norm": P()}
+  specs = {
+    "embed": P("fsdp", "tp"),
+    "stack": P(None, "fsdp", "tp"),
+    "head": P("fsdp", "tp"),
+    "norm": P(),
+  }
   shapes = {"embed": (4 * d, d), "stack": (n, d, 4 * d), "head": (d, 4 * d), "norm": (d,)}
   shards = {k: NamedSharding(mesh, s) for k, s in specs.items()}
   rng = np.random.default_rng(0)
-  params = {k: jax.device_put(rng.normal(size=s).astype(np.float32), shards[k])
-            for k, s in shapes.items()}
-  grads = {k: jax.device_put(rng.normal(size=s).astype(np.float32), shards[k])
-           for k, s in shapes.items()}
+  params = {
+    k: jax.device_put(rng.normal(size=s).astype(np.float32), shards[k]) for k, s in shapes.items()
+  }
+  grads = {
+    k: jax.device_put(rng.normal(size=s).astype(np.float32), shards[k]) for k, s in shapes.items()
+  }
   abstract = {k: jax.ShapeDtypeStruct(shapes[k], jnp.float32, sharding=shards[k]) for k in shapes}
-  print(f"{sum(np.prod(s) for s in shapes.values()) / 1e6:.1f}M params on a 2x4 mesh of "
-        f"{jax.devices()[0].platform} devices")
+  print(
+    f"{sum(np.prod(s) for s in shapes.values()) / 1e6:.1f}M params on a 2x4 mesh of "
+    f"{jax.devices()[0].platform} devices"
+  )
 
   opts = {
-      "optax.adamw": optax.adamw(1e-3),
-      "mofo (exact)": mofo_jax.mofo(1e-3, 0.1, partition={
-          "embed": mofo_jax.BlockSpec(), "stack": mofo_jax.BlockSpec(axes=(0,)),
-          "head": mofo_jax.BlockSpec(), "norm": mofo_jax.BlockSpec()}),
-      "mofo (local)": mofo_jax.mofo(1e-3, 0.1, selection=mofo_jax.local_selection(mesh, specs)),
+    "optax.adamw": optax.adamw(1e-3),
+    "mofo (exact)": mofo_jax.mofo(
+      1e-3,
+      0.1,
+      partition={
+        "embed": mofo_jax.BlockSpec(),
+        "stack": mofo_jax.BlockSpec(axes=(0,)),
+        "head": mofo_jax.BlockSpec(),
+        "norm": mofo_jax.BlockSpec(),
+      },
+    ),
+    "mofo (local)": mofo_jax.mofo(1e-3, 0.1, selection=mofo_jax.local_selection(mesh, specs)),
   }
   results = {}
   for name, opt in opts.items():
@@ -60,10 +75,16 @@ def main():
       u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    fn = jax.jit(step, in_shardings=(shards, state_sh, shards), out_shardings=(shards, state_sh),
-                 donate_argnums=(0, 1))
-    comm = collectives(fn.lower(abstract, jax.eval_shape(opt.init, abstract), abstract)
-                       .compile().as_text(), loop_trips=8)
+    fn = jax.jit(
+      step,
+      in_shardings=(shards, state_sh, shards),
+      out_shardings=(shards, state_sh),
+      donate_argnums=(0, 1),
+    )
+    comm = collectives(
+      fn.lower(abstract, jax.eval_shape(opt.init, abstract), abstract).compile().as_text(),
+      loop_trips=8,
+    )
     p = jax.tree.map(jnp.copy, params)
     s = jax.jit(opt.init, out_shardings=state_sh)(p)
     p, s = fn(p, s, grads)  # compile
@@ -76,8 +97,10 @@ def main():
     results[name] = (float(np.median(times)) * 1e3, comm)
   base = results["optax.adamw"][0]
   for name, (ms, comm) in results.items():
-    print(f"{name:14s} {ms:8.2f} ms  x{ms / base:5.2f} adamw  all-reduce {comm['all_reduce_bytes']:6d} "
-          f"B/step ({comm['all-reduce']} ops), all-gathers {comm['all-gather']}")
+    print(
+      f"{name:14s} {ms:8.2f} ms  x{ms / base:5.2f} adamw  all-reduce {comm['all_reduce_bytes']:6d} "
+      f"B/step ({comm['all-reduce']} ops), all-gathers {comm['all-gather']}"
+    )
 
 
 if __name__ == "__main__":

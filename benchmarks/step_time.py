@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 # Run from a checkout without installing the package.
@@ -28,10 +27,10 @@ import mofo_jax  # noqa: E402
 
 # (vocab, d_model, layers, heads, kv_heads, head_dim, ffn), tied embeddings, as in Llama.
 PRESETS = {
-    "tiny": (2048, 128, 4, 4, 2, 32, 512),
-    "small": (8192, 384, 6, 6, 2, 64, 1024),
-    "125m": (49152, 768, 12, 12, 12, 64, 2048),
-    "1b": (128256, 2048, 16, 32, 8, 64, 8192),  # Llama-3.2-1B
+  "tiny": (2048, 128, 4, 4, 2, 32, 512),
+  "small": (8192, 384, 6, 6, 2, 64, 1024),
+  "125m": (49152, 768, 12, 12, 12, 64, 2048),
+  "1b": (128256, 2048, 16, 32, 8, 64, 8192),  # Llama-3.2-1B
 }
 FRACTION = 0.1
 LR = 1e-4
@@ -39,18 +38,30 @@ LR = 1e-4
 
 def llama_shapes(preset: str) -> dict:
   vocab, d, layers, heads, kv, hd, ffn = PRESETS[preset]
-  layer = {"attn_norm": (d,), "q": (d, heads * hd), "k": (d, kv * hd), "v": (d, kv * hd),
-           "o": (heads * hd, d), "mlp_norm": (d,), "gate": (d, ffn), "up": (d, ffn),
-           "down": (ffn, d)}
-  return {"embed": (vocab, d), "final_norm": (d,),
-          "layers": {f"{i:02d}": dict(layer) for i in range(layers)}}
+  layer = {
+    "attn_norm": (d,),
+    "q": (d, heads * hd),
+    "k": (d, kv * hd),
+    "v": (d, kv * hd),
+    "o": (heads * hd, d),
+    "mlp_norm": (d,),
+    "gate": (d, ffn),
+    "up": (d, ffn),
+    "down": (ffn, d),
+  }
+  return {
+    "embed": (vocab, d),
+    "final_norm": (d,),
+    "layers": {f"{i:02d}": dict(layer) for i in range(layers)},
+  }
 
 
 def random_tree(shapes: dict, seed: int, scale: float) -> dict:
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([scale * jax.random.normal(k, s, jnp.float32)
-                            for k, s in zip(keys, leaves)])
+  return treedef.unflatten(
+    [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)]
+  )
 
 
 def topk_filter(fraction: float) -> optax.GradientTransformation:
@@ -125,10 +136,14 @@ def run_mode(mode: str, shapes: dict, grads: list, steps: int, warmup: int) -> d
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform == "gpu" else None
   del params, state, updates
-  return {"mode": mode, "ms": 1e3 * statistics.median(times),
-          "ms_all": [1e3 * t for t in times], "fraction": moved / total,
-          "temp_bytes": temp,
-          "peak_bytes": int(stats["peak_bytes_in_use"]) if stats else None}
+  return {
+    "mode": mode,
+    "ms": 1e3 * statistics.median(times),
+    "ms_all": [1e3 * t for t in times],
+    "fraction": moved / total,
+    "temp_bytes": temp,
+    "peak_bytes": int(stats["peak_bytes_in_use"]) if stats else None,
+  }
 
 
 def main(argv=None):
@@ -136,9 +151,12 @@ def main(argv=None):
   parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
   parser.add_argument("--steps", type=int, default=7, help="timed steps per mode (>= 5)")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--modes", default="adamw,exact,approx,topk",
-                      help="comma-separated: adamw, topk (lax.top_k baseline), or a "
-                           f"mofo_jax selection ({', '.join(mofo_jax._transform.SELECTIONS)})")
+  parser.add_argument(
+    "--modes",
+    default="adamw,exact,approx,topk",
+    help="comma-separated: adamw, topk (lax.top_k baseline), or a "
+    f"mofo_jax selection ({', '.join(mofo_jax._transform.SELECTIONS)})",
+  )
   parser.add_argument("--out", help="write the results as JSON here")
   args = parser.parse_args(argv)
   modes = args.modes.split(",")
@@ -157,23 +175,41 @@ def main(argv=None):
   results = [run_mode(m, shapes, grads, args.steps, args.warmup) for m in modes]
   base = next(r["ms"] for r in results if r["mode"] == "adamw")
   device = jax.devices()[0]
-  print(f"preset {args.preset}: {n:,} params, {len(jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))} "
-        f"leaves, largest {largest:,}; {device.device_kind} ({device.platform}), jax "
-        f"{jax.__version__}; fraction {FRACTION} (target over matrices {target:.4f})")
-  print(f"{'mode':8s} {'ms':>9s} {'x adamw':>8s} {'min-max ms':>17s} {'fraction':>9s} "
-        f"{'temp MiB':>9s} {'peak MiB':>9s}")
+  print(
+    f"preset {args.preset}: {n:,} params, {len(jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))} "
+    f"leaves, largest {largest:,}; {device.device_kind} ({device.platform}), jax "
+    f"{jax.__version__}; fraction {FRACTION} (target over matrices {target:.4f})"
+  )
+  print(
+    f"{'mode':8s} {'ms':>9s} {'x adamw':>8s} {'min-max ms':>17s} {'fraction':>9s} "
+    f"{'temp MiB':>9s} {'peak MiB':>9s}"
+  )
   for r in results:
     r["ratio"] = r["ms"] / base
     peak = f"{r['peak_bytes'] / 2**20:9.1f}" if r["peak_bytes"] is not None else f"{'-':>9s}"
     temp = f"{r['temp_bytes'] / 2**20:9.1f}" if r["temp_bytes"] is not None else f"{'-':>9s}"
-    print(f"{r['mode']:8s} {r['ms']:9.2f} {r['ratio']:8.2f} "
-          f"{min(r['ms_all']):8.2f}-{max(r['ms_all']):8.2f} {r['fraction']:9.4f} {temp} {peak}")
+    print(
+      f"{r['mode']:8s} {r['ms']:9.2f} {r['ratio']:8.2f} "
+      f"{min(r['ms_all']):8.2f}-{max(r['ms_all']):8.2f} {r['fraction']:9.4f} {temp} {peak}"
+    )
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"preset": args.preset, "params": n, "largest_leaf": largest,
-                 "target_fraction": target, "fraction": FRACTION, "steps": args.steps,
-                 "device": device.device_kind, "platform": device.platform,
-                 "jax": jax.__version__, "results": results}, f, indent=1)
+      json.dump(
+        {
+          "preset": args.preset,
+          "params": n,
+          "largest_leaf": largest,
+          "target_fraction": target,
+          "fraction": FRACTION,
+          "steps": args.steps,
+          "device": device.device_kind,
+          "platform": device.platform,
+          "jax": jax.__version__,
+          "results": results,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

@@ -24,20 +24,25 @@ from pathlib import Path
 import forgetting_demo
 
 GROUPS = {
-    "lr": [("AdamW lr {lr}", dict(name="adamw", learning_rate=lr), lr) for lr in (1e-5, 3e-5, 1e-4)]
-          + [("MoFO lr {lr}", dict(name="mofo", learning_rate=lr), lr) for lr in (3e-5, 1e-4, 3e-4)],
-    "fraction": [(f"MoFO fraction {f}", dict(name="mofo", fraction=f), None)
-                 for f in (0.05, 0.2, 0.4, 1.0)],
-    "score": [(f"MoFO score {s}", dict(name=f"mofo-{s}"), None) for s in ("gradient", "update",
-                                                                          "random")],
-    "baselines": [("AdamW + L2 to pretrained", dict(name="adamw-l2"), None),
-                  ("Half Fine-Tuning", dict(name="hft"), None)],
+  "lr": [("AdamW lr {lr}", dict(name="adamw", learning_rate=lr), lr) for lr in (1e-5, 3e-5, 1e-4)]
+  + [("MoFO lr {lr}", dict(name="mofo", learning_rate=lr), lr) for lr in (3e-5, 1e-4, 3e-4)],
+  "fraction": [
+    (f"MoFO fraction {f}", dict(name="mofo", fraction=f), None) for f in (0.05, 0.2, 0.4, 1.0)
+  ],
+  "score": [
+    (f"MoFO score {s}", dict(name=f"mofo-{s}"), None) for s in ("gradient", "update", "random")
+  ],
+  "baselines": [
+    ("AdamW + L2 to pretrained", dict(name="adamw-l2"), None),
+    ("Half Fine-Tuning", dict(name="hft"), None),
+  ],
 }
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   p.add_argument("--groups", default=",".join(GROUPS), help=f"which of {list(GROUPS)}")
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--lr", type=float, default=1e-4, help="rate of the non-sweep runs")
@@ -67,8 +72,9 @@ def runs_of(args):
       label = label.format(lr=f"{lr:g}" if lr else "")
       if overrides.get("name") == "adamw-l2":
         overrides = {**overrides, "l2_strength": args.l2}
-      key = json.dumps({"learning_rate": args.lr, "fraction": args.fraction, **overrides},
-                       sort_keys=True)
+      key = json.dumps(
+        {"learning_rate": args.lr, "fraction": args.fraction, **overrides}, sort_keys=True
+      )
       if key not in seen:
         seen.add(key)
         out.append((group, label, overrides))
@@ -77,6 +83,7 @@ def runs_of(args):
 
 def frontier_plot(results: dict, path: Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -85,24 +92,39 @@ def frontier_plot(results: dict, path: Path) -> None:
   rise = lambda r: sum(r[k] - base[k] for k in old_keys) / len(old_keys)
   fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
   styles = {"lr": "o", "fraction": "s", "score": "^", "baselines": "D"}
-  for ax, (xkey, xlabel) in zip(axes, [("task_answer_loss", "new task: answer-token loss"),
-                                       ("task_accuracy", "new task: answer accuracy")]):
+  for ax, (xkey, xlabel) in zip(
+    axes,
+    [
+      ("task_answer_loss", "new task: answer-token loss"),
+      ("task_accuracy", "new task: answer accuracy"),
+    ],
+  ):
     for name in ("AdamW", "MoFO"):
-      pts = sorted((r["final"][xkey], rise(r["final"])) for r in results["runs"].values()
-                   if r["group"] == "lr" and r["label"].startswith(name))
+      pts = sorted(
+        (r["final"][xkey], rise(r["final"]))
+        for r in results["runs"].values()
+        if r["group"] == "lr" and r["label"].startswith(name)
+      )
       if pts:
         ax.plot(*zip(*pts), "-", alpha=0.5, label=f"{name} learning-rate sweep")
     for r in results["runs"].values():
       ax.plot(r["final"][xkey], rise(r["final"]), styles[r["group"]], color="k", ms=5)
-      ax.annotate(r["label"], (r["final"][xkey], rise(r["final"])), fontsize=7,
-                  xytext=(3, 3), textcoords="offset points")
+      ax.annotate(
+        r["label"],
+        (r["final"][xkey], rise(r["final"])),
+        fontsize=7,
+        xytext=(3, 3),
+        textcoords="offset points",
+      )
     ax.plot(base[xkey], 0.0, "*", ms=12, color="gold", mec="k", label="pretrained")
     ax.set(xlabel=xlabel, ylabel="forgetting: mean rise of old-text loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   axes[0].invert_xaxis()
-  fig.suptitle("Forgetting against learning (down and right is better): SmolLM2-135M, "
-               f"{results['settings']['steps']} steps of arithmetic")
+  fig.suptitle(
+    "Forgetting against learning (down and right is better): SmolLM2-135M, "
+    f"{results['settings']['steps']} steps of arithmetic"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -111,19 +133,27 @@ def frontier_plot(results: dict, path: Path) -> None:
 def markdown(results: dict) -> str:
   base = results["pretrained"]
   old_keys = [k for k in base if k.endswith("_loss") and not k.startswith("task")]
-  head = ("| group | run | accuracy | answer loss | "
-          + " | ".join(f"rise of {k[:-5]} loss" for k in old_keys)
-          + " | L2 from pretrained | changed | wall |")
-  lines = [head, "|" + "---|" * (7 + len(old_keys)),
-           f"| - | pretrained | {base['task_accuracy']:.1%} | {base['task_answer_loss']:.3f} | "
-           + " | ".join("0" for _ in old_keys) + " | 0 | 0 | - |"]
+  head = (
+    "| group | run | accuracy | answer loss | "
+    + " | ".join(f"rise of {k[:-5]} loss" for k in old_keys)
+    + " | L2 from pretrained | changed | wall |"
+  )
+  lines = [
+    head,
+    "|" + "---|" * (7 + len(old_keys)),
+    f"| - | pretrained | {base['task_accuracy']:.1%} | {base['task_answer_loss']:.3f} | "
+    + " | ".join("0" for _ in old_keys)
+    + " | 0 | 0 | - |",
+  ]
   for r in results["runs"].values():
     f = r["final"]
-    lines.append(f"| {r['group']} | {r['label']} | {f['task_accuracy']:.1%} | "
-                 f"{f['task_answer_loss']:.3f} | "
-                 + " | ".join(f"{f[k] - base[k]:+.3f}" for k in old_keys)
-                 + f" | {f['l2_from_pretrained']:.2f} | {f['fraction_changed']:.1%} | "
-                 f"{r['wall_s']:.0f} s |")
+    lines.append(
+      f"| {r['group']} | {r['label']} | {f['task_accuracy']:.1%} | "
+      f"{f['task_answer_loss']:.3f} | "
+      + " | ".join(f"{f[k] - base[k]:+.3f}" for k in old_keys)
+      + f" | {f['l2_from_pretrained']:.2f} | {f['fraction_changed']:.1%} | "
+      f"{r['wall_s']:.0f} s |"
+    )
   return "\n".join(lines)
 
 
@@ -134,20 +164,26 @@ def main(argv=None) -> dict:
   started = time.perf_counter()
   setup = forgetting_demo.load_setup(args)
   from mofo_jax.finetune import optimizers, train
+
   # The pretrained point is shared: measure it once.
   probe = train.make_trainer(setup[0], optimizers.OptimizerConfig(name="adamw"), "data=1")
   results = {"settings": vars(args), "pretrained": setup[3](probe), "runs": {}}
   del probe
   for group, label, overrides in runs_of(args):
     run = forgetting_demo.fine_tune(args, setup, label, **overrides)
-    results["runs"][label] = {"group": group, "label": label, "final": run["records"][-1],
-                              "wall_s": run["wall_s"], "optimizer": run["optimizer"]}
+    results["runs"][label] = {
+      "group": group,
+      "label": label,
+      "final": run["records"][-1],
+      "wall_s": run["wall_s"],
+      "optimizer": run["optimizer"],
+    }
     (out / "ablations.json").write_text(json.dumps(results, indent=2))
   results["total_wall_s"] = time.perf_counter() - started
   table = markdown(results)
   (out / "ablations.md").write_text(
-      f"settings: {vars(args)}\n\ntotal wall time {results['total_wall_s'] / 60:.1f} min\n\n"
-      f"{table}\n")
+    f"settings: {vars(args)}\n\ntotal wall time {results['total_wall_s'] / 60:.1f} min\n\n{table}\n"
+  )
   (out / "ablations.json").write_text(json.dumps(results, indent=2))
   frontier_plot(results, out / "ablations.png")
   print(f"\n{table}\n\ntotal wall time {results['total_wall_s'] / 60:.1f} min; wrote {out}/")

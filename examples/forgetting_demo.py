@@ -26,8 +26,9 @@ QUICK = {"steps": 12, "eval_every": 6, "task_eval": 24, "old_batches": 1}
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   p.add_argument("--quick", action="store_true", help="a 2-minute version")
   p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
   p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -55,11 +56,19 @@ def load_setup(args):
 
   config, model, tok = cli.load_model_and_tokenizer(args.model, "float32", False)
   train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
-      tok.tokenizer, tok.eos_token_id, config.vocab_size, difficulty=args.difficulty,
-      num_train=args.steps * args.batch_size * 2, num_eval=args.task_eval, seq_len=args.seq_len,
-      eval_batch_size=args.batch_size, seed=args.seed)
-  old_text = evaluation.old_capability_batches(tok.tokenizer, args.seq_len, args.old_batches,
-                                               args.batch_size)
+    tok.tokenizer,
+    tok.eos_token_id,
+    config.vocab_size,
+    difficulty=args.difficulty,
+    num_train=args.steps * args.batch_size * 2,
+    num_eval=args.task_eval,
+    seq_len=args.seq_len,
+    eval_batch_size=args.batch_size,
+    seed=args.seed,
+  )
+  old_text = evaluation.old_capability_batches(
+    tok.tokenizer, args.seq_len, args.old_batches, args.batch_size
+  )
   return model, tok, train_examples, evaluation.Evaluator(task_batches, stop_ids, old_text)
 
 
@@ -70,19 +79,35 @@ def fine_tune(args, setup, label: str, **overrides) -> dict:
 
   model, tok, train_examples, evaluator = setup
   print(f"\n== {label}")
-  settings = dict(name="mofo", learning_rate=args.lr, fraction=args.fraction,
-                  warmup_steps=args.warmup_steps, total_steps=args.steps, seed=args.seed)
+  settings = dict(
+    name="mofo",
+    learning_rate=args.lr,
+    fraction=args.fraction,
+    warmup_steps=args.warmup_steps,
+    total_steps=args.steps,
+    seed=args.seed,
+  )
   cfg = optimizers.OptimizerConfig(**{**settings, **overrides})
   trainer = train.make_trainer(model, cfg, "data=1")
   # The same seed gives every run the same problems in the same order.
-  batches = data_lib.batch_iterator(train_examples, args.batch_size, args.seq_len,
-                                    seed=args.seed, num_epochs=None, pad_id=tok.pad_token_id or 0)
+  batches = data_lib.batch_iterator(
+    train_examples,
+    args.batch_size,
+    args.seq_len,
+    seed=args.seed,
+    num_epochs=None,
+    pad_id=tok.pad_token_id or 0,
+  )
   start = time.perf_counter()
-  loop = train.LoopConfig(steps=args.steps, eval_every=args.eval_every,
-                          eval_at_start=getattr(args, "eval_at_start", True))
+  loop = train.LoopConfig(
+    steps=args.steps, eval_every=args.eval_every, eval_at_start=getattr(args, "eval_at_start", True)
+  )
   records = train.run(trainer, batches, loop, evaluator)
-  return {"records": records, "wall_s": time.perf_counter() - start,
-          "optimizer": dataclasses.asdict(cfg)}
+  return {
+    "records": records,
+    "wall_s": time.perf_counter() - start,
+    "optimizer": dataclasses.asdict(cfg),
+  }
 
 
 def run_all(args) -> dict:
@@ -99,32 +124,40 @@ def table(results: dict) -> str:
   """A markdown table: pretrained, then each optimizer after fine-tuning."""
   runs = results["runs"]
   first = next(iter(runs.values()))["records"][0]
-  rows = [("new task: answer accuracy", "task_accuracy", "{:.1%}"),
-          ("new task: answer-token loss", "task_answer_loss", "{:.3f}")]
+  rows = [
+    ("new task: answer accuracy", "task_accuracy", "{:.1%}"),
+    ("new task: answer-token loss", "task_answer_loss", "{:.3f}"),
+  ]
   for k in first:
     if k.endswith("_loss") and not k.startswith("task"):
       rows.append((f"old: {k[:-5]} loss", k, "{:.3f}"))
-  rows += [("L2 from pretrained", "l2_from_pretrained", "{:.2f}"),
-           ("fraction of weights changed", "fraction_changed", "{:.1%}")]
+  rows += [
+    ("L2 from pretrained", "l2_from_pretrained", "{:.2f}"),
+    ("fraction of weights changed", "fraction_changed", "{:.1%}"),
+  ]
   names = [LABELS.get(n, n) for n in runs]
-  out = ["| metric | pretrained | " + " | ".join(names) + " |",
-         "|---|---|" + "---|" * len(names)]
+  out = ["| metric | pretrained | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
   for label, key, fmt in rows:
     cells = [fmt.format(r["records"][-1][key]) for r in runs.values()]
     out.append(f"| {label} | {fmt.format(first[key])} | " + " | ".join(cells) + " |")
   for k in first:
     if k.endswith("_loss") and not k.startswith("task"):
       rises = [r["records"][-1][k] - first[k] for r in runs.values()]
-      out.append(f"| rise of {k[:-5]} loss (forgetting) | - | "
-                 + " | ".join(f"{x:+.3f}" for x in rises) + " |")
-  out.append("| wall time | - | " + " | ".join(f"{r['wall_s']:.0f} s" for r in runs.values())
-             + " |")
+      out.append(
+        f"| rise of {k[:-5]} loss (forgetting) | - | "
+        + " | ".join(f"{x:+.3f}" for x in rises)
+        + " |"
+      )
+  out.append(
+    "| wall time | - | " + " | ".join(f"{r['wall_s']:.0f} s" for r in runs.values()) + " |"
+  )
   return "\n".join(out)
 
 
 def plot(results: dict, path: Path) -> None:
   """Learning curves, forgetting curves, distance, and forgetting against learning."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -142,18 +175,26 @@ def plot(results: dict, path: Path) -> None:
     axes[2].plot(steps, [r["l2_from_pretrained"] for r in rec], "o-", label=label)
     axes[3].plot([r["task_answer_loss"] for r in rec], old, "o-", label=label)
   axes[0].set(title="New task: answer-token loss", xlabel="step", ylabel="loss")
-  axes[1].set(title="Forgetting: rise of old-text loss", xlabel="step",
-              ylabel=f"mean rise over {', '.join(k[:-5] for k in old_keys)}")
+  axes[1].set(
+    title="Forgetting: rise of old-text loss",
+    xlabel="step",
+    ylabel=f"mean rise over {', '.join(k[:-5] for k in old_keys)}",
+  )
   axes[2].set(title="Distance from pretrained", xlabel="step", ylabel="L2")
-  axes[3].set(title="Forgetting against learning", xlabel="answer-token loss (lower: learned)",
-              ylabel="rise of old-text loss")
+  axes[3].set(
+    title="Forgetting against learning",
+    xlabel="answer-token loss (lower: learned)",
+    ylabel="rise of old-text loss",
+  )
   axes[3].invert_xaxis()
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
   s = results["settings"]
-  fig.suptitle(f"SmolLM2-135M on arithmetic (difficulty {s['difficulty']}), {s['steps']} steps, "
-               f"lr {s['lr']:g}, MoFO fraction {s['fraction']:g}")
+  fig.suptitle(
+    f"SmolLM2-135M on arithmetic (difficulty {s['difficulty']}), {s['steps']} steps, "
+    f"lr {s['lr']:g}, MoFO fraction {s['fraction']:g}"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -12,8 +12,10 @@ import mofo_jax
 
 def init_mlp(key, sizes=(8, 64, 64, 1)):
   keys = jax.random.split(key, len(sizes) - 1)
-  return [{"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
-          for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+  return [
+    {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros(b)}
+    for k, a, b in zip(keys, sizes[:-1], sizes[1:])
+  ]
 
 
 def mlp(params, x):
@@ -45,9 +47,11 @@ def main():
     if t == 1 or t % 50 == 0:
       summary = mofo_jax.telemetry_summary(state)
       kernel0 = summary["fraction_updated/[0]['w']"]
-      print(f"step {t:4d}  loss {float(loss):.4f}  "
-            f"updated this step: {summary['fraction_updated']:.3f} of all entries, "
-            f"{kernel0:.3f} of layer 0's kernel")
+      print(
+        f"step {t:4d}  loss {float(loss):.4f}  "
+        f"updated this step: {summary['fraction_updated']:.3f} of all entries, "
+        f"{kernel0:.3f} of layer 0's kernel"
+      )
   moved = sum(int((a != b).sum()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start)))
   total = sum(a.size for a in jax.tree.leaves(params))
   print(f"after 300 steps, {moved / total:.1%} of the weights have ever moved")

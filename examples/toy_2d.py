@@ -52,8 +52,11 @@ def fine_tune(opt: optax.GradientTransformation, steps: int) -> Result:
     return (params, state), params
 
   (end, _), path = jax.lax.scan(step, (start, opt.init(start)), length=steps)
-  return Result(path=np.concatenate([np.asarray(start)[None], np.asarray(path)]),
-                loss=float(loss_fn(end)), distance=float(jnp.linalg.norm(end - start)))
+  return Result(
+    path=np.concatenate([np.asarray(start)[None], np.asarray(path)]),
+    loss=float(loss_fn(end)),
+    distance=float(jnp.linalg.norm(end - start)),
+  )
 
 
 def plot(results: dict[str, Result], title: str, out: str) -> None:
@@ -68,13 +71,26 @@ def plot(results: dict[str, Result], title: str, out: str) -> None:
 
   fig, ax = plt.subplots(figsize=(10, 4.4))
   cs = ax.contourf(a, b, loss, levels=levels, cmap="Blues_r", norm=matplotlib.colors.LogNorm())
-  fig.colorbar(cs, ax=ax, label="fine-tuning loss (a·b - 1)²", shrink=0.8, pad=0.02,
-               ticks=10.0 ** np.arange(-3, np.log10(loss.max()) + 1))
+  fig.colorbar(
+    cs,
+    ax=ax,
+    label="fine-tuning loss (a·b - 1)²",
+    shrink=0.8,
+    pad=0.02,
+    ticks=10.0 ** np.arange(-3, np.log10(loss.max()) + 1),
+  )
   curve_a = np.linspace(max(lo[0], 1e-2), hi[0], 200)  # the a > 0 branch
   ax.plot(curve_a, 1 / curve_a, "k--", lw=1.2, label="minima: a·b = 1")
   for (name, r), color in zip(results.items(), ("tab:red", "tab:green")):
-    ax.plot(r.path[:, 0], r.path[:, 1], ".-", color=color, ms=3, lw=1.2,
-            label=f"{name}: distance from start {r.distance:.3f}")
+    ax.plot(
+      r.path[:, 0],
+      r.path[:, 1],
+      ".-",
+      color=color,
+      ms=3,
+      lw=1.2,
+      label=f"{name}: distance from start {r.distance:.3f}",
+    )
     ax.plot(*r.path[-1], "o", color=color, ms=8, mec="k")
   ax.plot(*START, "*", color="gold", ms=18, mec="k", label="pretrained start")
   ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="a", ylabel="b", title=title)
@@ -93,17 +109,23 @@ def main(argv: list[str] | None = None) -> dict[str, Result]:
   args = parser.parse_args(argv)
 
   results = {
-      "Adam": fine_tune(optax.adam(args.lr), args.steps),
-      # One (2,)-shaped leaf is a single block of 2; 1-D leaves are dense unless filter_mask
-      # says otherwise. k = max(1, floor(0.5 * 2)) = 1: the larger-momentum coordinate moves.
-      "MoFO": fine_tune(mofo_jax.mofo(args.lr, fraction=0.5, filter_mask=True), args.steps),
+    "Adam": fine_tune(optax.adam(args.lr), args.steps),
+    # One (2,)-shaped leaf is a single block of 2; 1-D leaves are dense unless filter_mask
+    # says otherwise. k = max(1, floor(0.5 * 2)) = 1: the larger-momentum coordinate moves.
+    "MoFO": fine_tune(mofo_jax.mofo(args.lr, fraction=0.5, filter_mask=True), args.steps),
   }
   print(f"start ({START[0]:.3f}, {START[1]:.3f})  loss {loss_fn(jnp.asarray(START)):.4f}")
   for name, r in results.items():
-    print(f"{name:4s}  final ({r.path[-1, 0]:.3f}, {r.path[-1, 1]:.3f})  loss {r.loss:.2e}  "
-          f"distance from start {r.distance:.3f}")
-  plot(results, f"Fine-tuning from the same start: Adam vs MoFO (fraction 0.5), "
-                f"lr {args.lr:g}, {args.steps} steps", args.out)
+    print(
+      f"{name:4s}  final ({r.path[-1, 0]:.3f}, {r.path[-1, 1]:.3f})  loss {r.loss:.2e}  "
+      f"distance from start {r.distance:.3f}"
+    )
+  plot(
+    results,
+    f"Fine-tuning from the same start: Adam vs MoFO (fraction 0.5), "
+    f"lr {args.lr:g}, {args.steps} steps",
+    args.out,
+  )
   print(f"wrote {args.out}")
   return results
 

@@ -46,12 +46,12 @@ def _sample(view: jax.Array, axes: tuple[int, ...], size: int) -> jax.Array:
 
 
 def sampled_thresholds(
-    scores: Sequence[jax.Array],
-    specs: Sequence[_partition.BlockSpec],
-    fraction: jax.typing.ArrayLike,
-    *,
-    global_block: bool = False,
-    sample_size: int = SAMPLE_SIZE,
+  scores: Sequence[jax.Array],
+  specs: Sequence[_partition.BlockSpec],
+  fraction: jax.typing.ArrayLike,
+  *,
+  global_block: bool = False,
+  sample_size: int = SAMPLE_SIZE,
 ) -> list[jax.Array]:
   """Per leaf, the block-shaped threshold: the top-``fraction`` threshold of a sample of each
   block (the whole block when it is smaller than the sample)."""
@@ -62,14 +62,20 @@ def sampled_thresholds(
     total = max(1, sum(v.size for v in views))
     sizes = [max(1, -(-sample_size * v.size // total)) for v in views]
   else:
-    sizes = [max(1, min(sample_size, max(MIN_SAMPLE, v.size // 16)) // max(1, math.prod(bs)))
-             for v, bs in zip(views, block_shapes)]
+    sizes = [
+      max(1, min(sample_size, max(MIN_SAMPLE, v.size // 16)) // max(1, math.prod(bs)))
+      for v, bs in zip(views, block_shapes)
+    ]
   samples = [_sample(v, ax, n) for v, ax, n in zip(views, axes, sizes)]
   if global_block:
-    sels = _selection.select_blocks([s.reshape(-1) for s in samples],
-                                    [_partition.PER_LEAF] * len(samples), fraction,
-                                    global_block=True)
+    sels = _selection.select_blocks(
+      [s.reshape(-1) for s in samples],
+      [_partition.PER_LEAF] * len(samples),
+      fraction,
+      global_block=True,
+    )
   else:
-    sels = _selection.select_blocks(samples, [_partition.BlockSpec(axes=(0,))] * len(samples),
-                                    fraction)
+    sels = _selection.select_blocks(
+      samples, [_partition.BlockSpec(axes=(0,))] * len(samples), fraction
+    )
   return [sel.threshold.reshape(bs) for sel, bs in zip(sels, block_shapes)]

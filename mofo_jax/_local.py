@@ -25,6 +25,7 @@ class LocalSelection(NamedTuple):
   Build it with :func:`mofo_jax.local_selection`; ``selection="local"`` is the same with the mesh
   and specs read from the arrays' types (Explicit mesh axes).
   """
+
   mesh: Any  # jax.sharding.Mesh or AbstractMesh
   specs: Any  # the params' pytree with a PartitionSpec or NamedSharding per leaf
 
@@ -57,27 +58,31 @@ def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
 
 
 def is_local(selection: Any) -> bool:
-  return isinstance(selection, LocalSelection) or (isinstance(selection, str)
-                                                   and selection == "local")
+  return isinstance(selection, LocalSelection) or (
+    isinstance(selection, str) and selection == "local"
+  )
 
 
 def _layout(selection: Any, leaves: Sequence[Any]) -> tuple[Any, list[PartitionSpec]]:
   """The mesh and one PartitionSpec per leaf, from a LocalSelection or the leaves' types."""
   if isinstance(selection, LocalSelection):
-    flat = jax.tree.leaves(selection.specs,
-                           is_leaf=lambda s: isinstance(s, (PartitionSpec, NamedSharding)))
+    flat = jax.tree.leaves(
+      selection.specs, is_leaf=lambda s: isinstance(s, (PartitionSpec, NamedSharding))
+    )
     if len(flat) != len(leaves):
       raise ValueError(
-          f"local_selection got {len(flat)} specs for {len(leaves)} leaves: give one "
-          "PartitionSpec or NamedSharding per leaf, in a pytree shaped like the params.")
+        f"local_selection got {len(flat)} specs for {len(leaves)} leaves: give one "
+        "PartitionSpec or NamedSharding per leaf, in a pytree shaped like the params."
+      )
     return selection.mesh, [s.spec if isinstance(s, NamedSharding) else s for s in flat]
   shardings = [jax.typeof(x).sharding for x in leaves]
   meshes = [s.mesh for s in shardings if _sharding.is_explicit(getattr(s, "mesh", None))]
   if len(meshes) != len(leaves):
     raise ValueError(
-        "selection='local' reads each leaf's sharding from its type, which needs arrays on a "
-        "mesh with Explicit axes (jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) and "
-        "jax.set_mesh). Under Auto axes pass selection=mofo_jax.local_selection(mesh, specs).")
+      "selection='local' reads each leaf's sharding from its type, which needs arrays on a "
+      "mesh with Explicit axes (jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) and "
+      "jax.set_mesh). Under Auto axes pass selection=mofo_jax.local_selection(mesh, specs)."
+    )
   return meshes[0], [s.spec for s in shardings]
 
 
@@ -87,43 +92,61 @@ def _shards_per_axis(pspec: PartitionSpec, mesh: Any, ndim: int) -> list[int]:
   return [math.prod(mesh.shape[n] for n in ns) for ns in names]
 
 
-def _local_block_shape(shape: Sequence[int], spec: _partition.BlockSpec, pspec: PartitionSpec,
-                       mesh: Any) -> tuple[int, ...]:
+def _local_block_shape(
+  shape: Sequence[int], spec: _partition.BlockSpec, pspec: PartitionSpec, mesh: Any
+) -> tuple[int, ...]:
   """Shape of a leaf's per-shard thresholds: a block axis keeps its size, a ranked axis gets
   one entry per shard along it."""
   if spec.reshape is not None:
-    raise ValueError("Per-shard selection ranks each device's shard as it lies: "
-                     "BlockSpec.reshape is not supported with it.")
+    raise ValueError(
+      "Per-shard selection ranks each device's shard as it lies: "
+      "BlockSpec.reshape is not supported with it."
+    )
   keep = spec.block_axes(shape)
   shards = _shards_per_axis(pspec, mesh, len(shape))
   return tuple(d if i in keep else n for i, (d, n) in enumerate(zip(shape, shards)))
 
 
-def initial_thresholds(leaves: Sequence[Any], filtered: Sequence[bool],
-                       specs: Sequence[_partition.BlockSpec], selection: Any) -> list[jax.Array]:
+def initial_thresholds(
+  leaves: Sequence[Any],
+  filtered: Sequence[bool],
+  specs: Sequence[_partition.BlockSpec],
+  selection: Any,
+) -> list[jax.Array]:
   """Zero telemetry thresholds (``[]`` for dense leaves), shaped, and under Explicit axes
   sharded, as :func:`select_local` returns them, so the state's type does not change."""
   if not leaves:
     return []
   mesh, pspecs = _layout(selection, leaves)
   sharded = _sharding.is_explicit(mesh)
-  return [jnp.zeros(_local_block_shape(np.shape(x), sp, pspec, mesh) if f else (), jnp.float32,
-                    out_sharding=NamedSharding(mesh, pspec if f else PartitionSpec())
-                    if sharded else None)
-          for x, f, sp, pspec in zip(leaves, filtered, specs, pspecs)]
+  return [
+    jnp.zeros(
+      _local_block_shape(np.shape(x), sp, pspec, mesh) if f else (),
+      jnp.float32,
+      out_sharding=NamedSharding(mesh, pspec if f else PartitionSpec()) if sharded else None,
+    )
+    for x, f, sp, pspec in zip(leaves, filtered, specs, pspecs)
+  ]
 
 
-def select_local(scores: list[jax.Array], filtered: list[bool],
-                 specs: list[_partition.BlockSpec], is_global: bool, fraction: Any,
-                 selection: Any):
+def select_local(
+  scores: list[jax.Array],
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  selection: Any,
+):
   """Per-shard selection: masks (None for dense leaves), entries kept and per-shard thresholds.
 
   One ``shard_map`` over every filtered leaf, so all leaves still share one search loop; inside
   it the exact search runs on each device's shards with no collective.
   """
   if is_global:
-    raise ValueError("Per-shard selection cannot rank one global block: every device would "
-                     "rank a different set of leaves. Use partition='leaf' or BlockSpecs.")
+    raise ValueError(
+      "Per-shard selection cannot rank one global block: every device would "
+      "rank a different set of leaves. Use partition='leaf' or BlockSpecs."
+    )
   idx = [i for i, f in enumerate(filtered) if f]
   masks: list[jax.Array | None] = [None] * len(scores)
   kept = [jnp.asarray(math.prod(s.shape), jnp.int32) for s in scores]
@@ -138,8 +161,9 @@ def select_local(scores: list[jax.Array], filtered: list[bool],
 
   def per_shard(frac, *shards):
     sels = _selection.select_blocks(list(shards), leaf_specs, frac)
-    shard_masks = [_selection.block_mask(s, sp, sel.threshold)
-                   for s, sp, sel in zip(shards, leaf_specs, sels)]
+    shard_masks = [
+      _selection.block_mask(s, sp, sel.threshold) for s, sp, sel in zip(shards, leaf_specs, sels)
+    ]
     return shard_masks, [sel.threshold for sel in sels]
 
   # A Python fraction stays static so k = floor(fraction * n) is exact, as in the exact path.
@@ -151,10 +175,14 @@ def select_local(scores: list[jax.Array], filtered: list[bool],
     args = [jnp.asarray(fraction, jnp.float32)] + [scores[i] for i in idx]
     in_specs = (PartitionSpec(),) + tuple(pspecs)
   shard_masks, shard_thresholds = jax.shard_map(
-      fn, mesh=mesh, in_specs=in_specs, out_specs=(list(pspecs), list(pspecs)),
-      # The search loop starts from constants that do not vary over the mesh, while its counts
-      # do; the outputs vary exactly as out_specs say, so the type check is skipped.
-      check_vma=False)(*args)
+    fn,
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=(list(pspecs), list(pspecs)),
+    # The search loop starts from constants that do not vary over the mesh, while its counts
+    # do; the outputs vary exactly as out_specs say, so the type check is skipped.
+    check_vma=False,
+  )(*args)
   for i, m, t in zip(idx, shard_masks, shard_thresholds):
     masks[i] = m
     thresholds[i] = t

@@ -49,8 +49,9 @@ class BlockSpec:
       return shape
     if math.prod(self.reshape) != math.prod(shape):
       raise ValueError(
-          f"BlockSpec.reshape={self.reshape} has {math.prod(self.reshape)} entries but the "
-          f"leaf of shape {shape} has {math.prod(shape)}.")
+        f"BlockSpec.reshape={self.reshape} has {math.prod(self.reshape)} entries but the "
+        f"leaf of shape {shape} has {math.prod(shape)}."
+      )
     return self.reshape
 
   def block_axes(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -60,8 +61,9 @@ class BlockSpec:
     for a in self.axes:
       if not -len(view) <= a < len(view):
         raise ValueError(
-            f"BlockSpec.axes={self.axes} names axis {a}, but the leaf (viewed as {view}) has "
-            f"{len(view)} axes.")
+          f"BlockSpec.axes={self.axes} names axis {a}, but the leaf (viewed as {view}) has "
+          f"{len(view)} axes."
+        )
       out.append(a % len(view))
     if len(set(out)) != len(out):
       raise ValueError(f"BlockSpec.axes={self.axes} repeats an axis.")
@@ -103,8 +105,9 @@ def resolve_partition(partition: Partition, params: Any) -> tuple[bool, Any]:
     if partition == "global":
       return True, jax.tree.map(lambda _: PER_LEAF, params)
     raise ValueError(
-        f"partition={partition!r} is not understood: use 'leaf', 'global', a BlockSpec, or a "
-        "pytree or callable giving a BlockSpec per leaf.")
+      f"partition={partition!r} is not understood: use 'leaf', 'global', a BlockSpec, or a "
+      "pytree or callable giving a BlockSpec per leaf."
+    )
   if isinstance(partition, BlockSpec):
     return False, jax.tree.map(lambda _: partition, params)
   specs = partition(params) if callable(partition) else partition
@@ -112,8 +115,9 @@ def resolve_partition(partition: Partition, params: Any) -> tuple[bool, Any]:
     specs = jax.tree.map(lambda s, p: jax.tree.map(lambda _: s, p), specs, params)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "partition must be a prefix of the params pytree (or a callable returning one) whose "
-        f"leaves are BlockSpec: {e}") from e
+      "partition must be a prefix of the params pytree (or a callable returning one) whose "
+      f"leaves are BlockSpec: {e}"
+    ) from e
   for s in jax.tree.leaves(specs):
     if not isinstance(s, BlockSpec):
       raise TypeError(f"partition holds {s!r}; every entry must be a mofo_jax.BlockSpec.")

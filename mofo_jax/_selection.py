@@ -38,6 +38,7 @@ METHODS = ("auto", "count", "histogram")
 
 class BlockSelection(NamedTuple):
   """The result of a selection for one leaf."""
+
   threshold: jax.Array  # float32, the leaf's BlockSpec.block_shape: k-th largest |score|
   num_selected: jax.Array  # int32, same shape: entries with |score| >= threshold, per block
 
@@ -64,13 +65,13 @@ def num_to_select(fraction: jax.typing.ArrayLike, n: int) -> jax.Array | int:
 
 
 def select_blocks(
-    scores: Sequence[jax.Array],
-    specs: Sequence[_partition.BlockSpec],
-    fraction: jax.typing.ArrayLike,
-    *,
-    global_block: bool = False,
-    radix_bits: int = 4,
-    method: str = "auto",
+  scores: Sequence[jax.Array],
+  specs: Sequence[_partition.BlockSpec],
+  fraction: jax.typing.ArrayLike,
+  *,
+  global_block: bool = False,
+  radix_bits: int = 4,
+  method: str = "auto",
 ) -> list[BlockSelection]:
   """Finds, in every block of every leaf, the k-th largest ``|score|`` and how many reach it.
 
@@ -113,11 +114,15 @@ def select_blocks(
   # come back.
   carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
   if global_block:
-    init_counts = [jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
-                   for bs, sh in zip(block_shapes, carry_shardings)]
+    init_counts = [
+      jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
+      for bs, sh in zip(block_shapes, carry_shardings)
+    ]
   else:
-    init_counts = [jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
-                   for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)]
+    init_counts = [
+      jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
+      for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)
+    ]
   if not views:
     return []
   args = (views, reduce_axes, ks, init_counts, global_block)
@@ -131,8 +136,8 @@ def select_blocks(
   else:
     # Only the branch of the platform compiled for is lowered.
     prefixes, counts = lax.platform_dependent(
-        views, cpu=lambda v: _histogram_search(v, *args[1:]),
-        default=lambda v: count(v, *args[1:]))
+      views, cpu=lambda v: _histogram_search(v, *args[1:]), default=lambda v: count(v, *args[1:])
+    )
   return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
 
 
@@ -150,7 +155,7 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
 
   def body(i, carry):
     prefixes, counts = carry
-    shift = (jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32))
+    shift = jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32)
     per_leaf = [counts_at(v, p, shift, ax) for v, p, ax in zip(views, prefixes, reduce_axes)]
     if global_block:
       total_counts = sum(c.reshape(-1, num_digits - 1).sum(0) for c in per_leaf)
@@ -161,8 +166,9 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
       ok = cnt >= k
       digit = jnp.sum(ok, axis=-1, dtype=jnp.uint32)
       new_prefixes.append(p | (digit << shift))
-      reached = jnp.take_along_axis(cnt, jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None],
-                                    axis=-1)[..., 0]
+      reached = jnp.take_along_axis(
+        cnt, jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None], axis=-1
+      )[..., 0]
       new_counts.append(jnp.where(digit > 0, reached, c))
     return new_prefixes, new_counts
 
@@ -194,10 +200,14 @@ def _scatter_counts(view, axes, bins, bin_of):
   # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
   # rejected for explicitly sharded operands.
   hist = lax.scatter_add(
-      jnp.zeros(nblocks * bins, jnp.int32), idx[..., None], jnp.ones(idx.shape, jnp.int32),
-      lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
-                                  scatter_dims_to_operand_dims=(0,)),
-      mode=lax.GatherScatterMode.FILL_OR_DROP)
+    jnp.zeros(nblocks * bins, jnp.int32),
+    idx[..., None],
+    jnp.ones(idx.shape, jnp.int32),
+    lax.ScatterDimensionNumbers(
+      update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    ),
+    mode=lax.GatherScatterMode.FILL_OR_DROP,
+  )
   shape = tuple(1 if i in axes else d for i, d in enumerate(view.shape))
   return hist.reshape(shape + (bins,))
 
@@ -213,7 +223,8 @@ def _resolve_digit(hist, above, k):
     grid = hist.reshape(hist.shape[:-1] + (rows, bins // rows))
     row, _, row_above = _resolve_digit(jnp.sum(grid, axis=-1), above, k)
     col, count, new_above = _resolve_digit(
-        jnp.take_along_axis(grid, row[..., None, None], axis=-2)[..., 0, :], row_above, k)
+      jnp.take_along_axis(grid, row[..., None, None], axis=-2)[..., 0, :], row_above, k
+    )
     return row * (bins // rows) + col, count, new_above
   at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
   digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
@@ -230,9 +241,10 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
   """
   # Digits no wider than a block's size keep the histograms of many small blocks (rows, heads)
   # about as large as the leaf; a global block is one block per leaf.
-  widths = [_HIST_BITS if global_block else
-            max(4, min(_HIST_BITS, (v.size // max(1, c.size)).bit_length()))
-            for v, c in zip(views, init_counts)]
+  widths = [
+    _HIST_BITS if global_block else max(4, min(_HIST_BITS, (v.size // max(1, c.size)).bit_length()))
+    for v, c in zip(views, init_counts)
+  ]
   prefixes = [jnp.zeros_like(c, jnp.uint32) for c in init_counts]
   above = [jnp.zeros_like(c) for c in init_counts]
   counts = list(init_counts)
@@ -242,11 +254,16 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
     lows = {i: max(0, tops[i] - widths[i]) for i in todo}
     bins = [1 << (tops[i] - lows[i]) for i in todo]
     # Entries outside the prefix fixed so far go to the dropped bin.
-    bin_ofs = [lambda keys, p=prefixes[i], top=tops[i], low=lows[i], n=n: jnp.where(
-        (keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
-               for i, n in zip(todo, bins)]
-    hists = [_scatter_counts(views[i], reduce_axes[i], n, bin_of)
-             for i, n, bin_of in zip(todo, bins, bin_ofs)]
+    bin_ofs = [
+      lambda keys, p=prefixes[i], top=tops[i], low=lows[i], n=n: jnp.where(
+        (keys >> top) == (p >> top), (keys >> low) & (n - 1), n
+      ).astype(jnp.int32)
+      for i, n in zip(todo, bins)
+    ]
+    hists = [
+      _scatter_counts(views[i], reduce_axes[i], n, bin_of)
+      for i, n, bin_of in zip(todo, bins, bin_ofs)
+    ]
     if global_block:
       total = sum(h.reshape(-1) for h in hists)
       hists = [total.reshape(h.shape) for h in hists]
@@ -257,8 +274,7 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
   return prefixes, counts
 
 
-def block_mask(score: jax.Array, spec: _partition.BlockSpec,
-               threshold: jax.Array) -> jax.Array:
+def block_mask(score: jax.Array, spec: _partition.BlockSpec, threshold: jax.Array) -> jax.Array:
   """The boolean mask ``|score| >= threshold`` of one leaf, in the leaf's own shape."""
   view = jnp.reshape(score, spec.view_shape(score.shape))
   key = score_keys(view) >= lax.bitcast_convert_type(threshold, jnp.uint32)
@@ -266,12 +282,12 @@ def block_mask(score: jax.Array, spec: _partition.BlockSpec,
 
 
 def top_fraction_mask(
-    scores: Any,
-    fraction: jax.typing.ArrayLike,
-    *,
-    partition: _partition.Partition = None,
-    radix_bits: int = 4,
-    method: str = "auto",
+  scores: Any,
+  fraction: jax.typing.ArrayLike,
+  *,
+  partition: _partition.Partition = None,
+  radix_bits: int = 4,
+  method: str = "auto",
 ) -> Any:
   r"""Marks, in every block, the entries whose magnitude is among the top ``fraction``.
 
@@ -310,7 +326,8 @@ def top_fraction_mask(
   is_global, specs = _partition.resolve_partition(partition, scores)
   leaves, treedef = jax.tree.flatten(scores)
   spec_leaves = treedef.flatten_up_to(specs)
-  sels = select_blocks(leaves, spec_leaves, fraction, global_block=is_global,
-                       radix_bits=radix_bits, method=method)
+  sels = select_blocks(
+    leaves, spec_leaves, fraction, global_block=is_global, radix_bits=radix_bits, method=method
+  )
   masks = [block_mask(s, sp, sel.threshold) for s, sp, sel in zip(leaves, spec_leaves, sels)]
   return treedef.unflatten(masks)

@@ -43,7 +43,8 @@ def block_sharding(leaf: Any, spec: _partition.BlockSpec) -> NamedSharding | Non
   keep = spec.block_axes(np.shape(leaf))
   ranked = tuple(i for i in range(len(view)) if i not in keep)
   return jax.eval_shape(
-      lambda x: jnp.sum(jnp.reshape(x, view), axis=ranked, keepdims=True), leaf).sharding
+    lambda x: jnp.sum(jnp.reshape(x, view), axis=ranked, keepdims=True), leaf
+  ).sharding
 
 
 def state_shardings(opt: optax.GradientTransformation, params: Any) -> Any:
@@ -90,23 +91,34 @@ def state_shardings(opt: optax.GradientTransformation, params: Any) -> Any:
   mesh = meshes[0]
   if is_explicit(mesh):
     # Constants made outside any mesh context have no sharding: they are replicated.
-    return jax.tree.map(lambda x: NamedSharding(
-        mesh, x.sharding.spec if x.sharding is not None else PartitionSpec()), abstract)
+    return jax.tree.map(
+      lambda x: NamedSharding(mesh, x.sharding.spec if x.sharding is not None else PartitionSpec()),
+      abstract,
+    )
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def for_param(leaf, param, sharding):
     if leaf.shape == param.shape:
       return sharding
     entries = tuple(sharding.spec) + (None,) * (len(param.shape) - len(sharding.spec))
-    shards = [math.prod(mesh.shape[n] for n in
-                        (() if e is None else (e,) if isinstance(e, str) else e)) for e in entries]
+    shards = [
+      math.prod(mesh.shape[n] for n in (() if e is None else (e,) if isinstance(e, str) else e))
+      for e in entries
+    ]
     if len(leaf.shape) == len(param.shape) and all(
-        a in (1, b, n) for a, b, n in zip(leaf.shape, param.shape, shards)):
+      a in (1, b, n) for a, b, n in zip(leaf.shape, param.shape, shards)
+    ):
       # A per-block value over the leaf's own axes (one per index of a block axis, or one per
       # shard with per-shard selection): sharded like the leaf along the axes it keeps whole.
-      return NamedSharding(mesh, PartitionSpec(*[
-          e if a > 1 and a in (b, n) else None
-          for e, a, b, n in zip(entries, leaf.shape, param.shape, shards)]))
+      return NamedSharding(
+        mesh,
+        PartitionSpec(
+          *[
+            e if a > 1 and a in (b, n) else None
+            for e, a, b, n in zip(entries, leaf.shape, param.shape, shards)
+          ]
+        ),
+      )
     return replicated
 
   # Find the subtrees of the state shaped like the params (moments, per-leaf telemetry) by their
@@ -119,7 +131,11 @@ def state_shardings(opt: optax.GradientTransformation, params: Any) -> Any:
   def assign(sub):
     if jax.tree.structure(sub) != treedef:
       return replicated
-    return treedef.unflatten([for_param(x, p, s) for x, p, s in
-                              zip(treedef.flatten_up_to(sub), param_leaves, sharding_leaves)])
+    return treedef.unflatten(
+      [
+        for_param(x, p, s)
+        for x, p, s in zip(treedef.flatten_up_to(sub), param_leaves, sharding_leaves)
+      ]
+    )
 
   return jax.tree.map(assign, abstract, is_leaf=lambda x: jax.tree.structure(x) == treedef)

@@ -11,6 +11,7 @@ import numpy as np
 
 class MoFOTelemetry(NamedTuple):
   """Per-leaf record of the last step's selection (all fields are pytrees like the params)."""
+
   num_updated: Any  # per leaf: [] int32, entries that moved this step
   num_entries: Any  # per leaf: [] int32, entries in the leaf
   threshold: Any  # per leaf: float32 of the leaf's BlockSpec.block_shape, the k-th largest
@@ -20,15 +21,18 @@ class MoFOTelemetry(NamedTuple):
 def init_telemetry(params: Any, thresholds: Any) -> MoFOTelemetry:
   """Telemetry before the first step: nothing updated yet; ``thresholds`` are the zeros."""
   return MoFOTelemetry(
-      num_updated=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-      num_entries=jax.tree.map(lambda p: jnp.asarray(np.size(p), jnp.int32), params),
-      threshold=thresholds,
+    num_updated=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
+    num_entries=jax.tree.map(lambda p: jnp.asarray(np.size(p), jnp.int32), params),
+    threshold=thresholds,
   )
 
 
 def _find_telemetry(opt_state: Any) -> list[MoFOTelemetry]:
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MoFOTelemetry))
-          if isinstance(x, MoFOTelemetry)]
+  return [
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MoFOTelemetry))
+    if isinstance(x, MoFOTelemetry)
+  ]
 
 
 def telemetry_summary(opt_state: Any) -> dict[str, float]:
@@ -72,4 +76,3 @@ def telemetry_summary(opt_state: Any) -> dict[str, float]:
       out[f"fraction_updated/{prefix}{jax.tree_util.keystr(path)}"] = u / max(n, 1)
   out["fraction_updated"] = total_updated / max(total_entries, 1)
   return out
-

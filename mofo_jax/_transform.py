@@ -26,6 +26,7 @@ SELECTIONS = ("exact", "approx", "local")
 
 class ScaleByMoFOState(NamedTuple):
   """State of :func:`scale_by_mofo`."""
+
   count: jax.Array  # [] int32, steps taken so far
   mu: optax.Updates  # like params, mu_dtype (float32 by default): first moment, every entry
   nu: optax.Updates  # like params, nu_dtype (float32 by default): second moment, every entry
@@ -34,6 +35,7 @@ class ScaleByMoFOState(NamedTuple):
 
 class KeepTopFractionState(NamedTuple):
   """State of :func:`keep_top_fraction`."""
+
   count: jax.Array  # [] int32, steps taken so far (drives a fraction schedule)
   telemetry: _telemetry.MoFOTelemetry  # per leaf, O(1) per block: what the last step did
 
@@ -65,9 +67,10 @@ def _check_float_leaves(params: Any, who: str) -> None:
   for path, leaf in zip(_leaf_paths(params), jax.tree.leaves(params)):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(
-          f"{who}: leaf {path} has dtype {jnp.result_type(leaf)}; MoFO needs floating point "
-          "leaves. Leave integer and boolean leaves out of the optimizer (optax.masked, "
-          "optax.partition, or nnx.Optimizer(..., wrt=nnx.Param)).")
+        f"{who}: leaf {path} has dtype {jnp.result_type(leaf)}; MoFO needs floating point "
+        "leaves. Leave integer and boolean leaves out of the optimizer (optax.masked, "
+        "optax.partition, or nnx.Optimizer(..., wrt=nnx.Param))."
+      )
 
 
 def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
@@ -78,7 +81,8 @@ def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
   mask = filter_mask(tree) if callable(filter_mask) else filter_mask
   try:
     mask_leaves = treedef.flatten_up_to(
-        jax.tree.map(lambda m, t: jax.tree.map(lambda _: m, t), mask, tree))
+      jax.tree.map(lambda m, t: jax.tree.map(lambda _: m, t), mask, tree)
+    )
   except (ValueError, TypeError) as e:
     raise ValueError(f"filter_mask must be a prefix of the params pytree of bools: {e}") from e
   try:
@@ -87,8 +91,9 @@ def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
     raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.") from e
 
 
-def _block_specs(partition: _partition.Partition, tree: Any,
-                 filtered: list[bool]) -> tuple[bool, list[_partition.BlockSpec]]:
+def _block_specs(
+  partition: _partition.Partition, tree: Any, filtered: list[bool]
+) -> tuple[bool, list[_partition.BlockSpec]]:
   is_global, specs = _partition.resolve_partition(partition, tree)
   spec_leaves = jax.tree.structure(tree).flatten_up_to(specs)
   for leaf, spec, f in zip(jax.tree.leaves(tree), spec_leaves, filtered):
@@ -97,22 +102,30 @@ def _block_specs(partition: _partition.Partition, tree: Any,
   return is_global, spec_leaves
 
 
-def _zero_thresholds(leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec],
-                     selection: Any) -> list[jax.Array]:
+def _zero_thresholds(
+  leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
+) -> list[jax.Array]:
   """Telemetry thresholds before a selection, with the shape (and, under Explicit mesh axes,
   the sharding) the selection gives them, so the state's type never changes."""
   if _local.is_local(selection):
     return _local.initial_thresholds(leaves, filtered, specs, selection)
-  return [jnp.zeros(sp.block_shape(np.shape(x)), jnp.float32,
-                    out_sharding=_sharding.block_sharding(x, sp))
-          if f else jnp.zeros((), jnp.float32) for x, f, sp in zip(leaves, filtered, specs)]
+  return [
+    jnp.zeros(
+      sp.block_shape(np.shape(x)), jnp.float32, out_sharding=_sharding.block_sharding(x, sp)
+    )
+    if f
+    else jnp.zeros((), jnp.float32)
+    for x, f, sp in zip(leaves, filtered, specs)
+  ]
 
 
-def _init_telemetry(tree: Any, filtered: list[bool], specs: list[_partition.BlockSpec],
-                    selection: Any) -> _telemetry.MoFOTelemetry:
+def _init_telemetry(
+  tree: Any, filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
+) -> _telemetry.MoFOTelemetry:
   leaves, treedef = jax.tree.flatten(tree)
   return _telemetry.init_telemetry(
-      tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection)))
+    tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection))
+  )
 
 
 def _check_selection(selection: Any) -> None:
@@ -120,8 +133,14 @@ def _check_selection(selection: Any) -> None:
     raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}.")
 
 
-def _select(scores: list[jax.Array], filtered: list[bool], specs: list[_partition.BlockSpec],
-            is_global: bool, fraction: Any, selection: Any):
+def _select(
+  scores: list[jax.Array],
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  selection: Any,
+):
   """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
   if _local.is_local(selection):
     return _local.select_local(scores, filtered, specs, is_global, fraction, selection)
@@ -140,24 +159,27 @@ def _select(scores: list[jax.Array], filtered: list[bool], specs: list[_partitio
     thresholds[i] = tau
     # Global blocks carry the tree-wide count in every leaf, and approx has no count: count
     # this leaf's own entries.
-    kept[i] = (jnp.sum(masks[i], dtype=jnp.int32) if counts is None or is_global
-               else jnp.sum(counts[j], dtype=jnp.int32))
+    kept[i] = (
+      jnp.sum(masks[i], dtype=jnp.int32)
+      if counts is None or is_global
+      else jnp.sum(counts[j], dtype=jnp.int32)
+    )
   return masks, kept, thresholds
 
 
 def scale_by_mofo(
-    fraction: ScalarOrSchedule = 0.1,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    filter_mask: FilterMask = None,
-    partition: _partition.Partition = None,
-    score: str = "momentum",
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    seed: int = 0,
-    selection: Any = "exact",
+  fraction: ScalarOrSchedule = 0.1,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  *,
+  filter_mask: FilterMask = None,
+  partition: _partition.Partition = None,
+  score: str = "momentum",
+  mu_dtype: Any = None,
+  nu_dtype: Any = None,
+  seed: int = 0,
+  selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
 
@@ -241,10 +263,10 @@ def scale_by_mofo(
     filtered = _resolve_filter_mask(filter_mask, params)
     _, specs = _block_specs(partition, params, filtered)
     return ScaleByMoFOState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params, dtype=nu_dtype),
-        telemetry=_init_telemetry(params, filtered, specs, selection),
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      nu=optax.tree.zeros_like(params, dtype=nu_dtype),
+      telemetry=_init_telemetry(params, filtered, specs, selection),
     )
 
   def update_fn(updates, state, params=None):
@@ -261,8 +283,7 @@ def scale_by_mofo(
     inv_bc1 = 1 / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
     inv_bc2 = 1 / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
     mus, nus, directions = [], [], []
-    for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu),
-                         treedef.flatten_up_to(state.nu)):
+    for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
       g32 = g.astype(jnp.float32)
       m = (b1 * mu.astype(jnp.float32) + (1 - b1) * g32).astype(mu_dtype)
       v = (b2 * nu.astype(jnp.float32) + (1 - b2) * g32 * g32).astype(nu_dtype)
@@ -289,24 +310,25 @@ def scale_by_mofo(
       masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
 
     new_updates = [
-        (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
-        for u, mask, g in zip(directions, masks, leaves)
+      (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
+      for u, mask, g in zip(directions, masks, leaves)
     ]
-    telemetry = state.telemetry._replace(num_updated=treedef.unflatten(kept),
-                                         threshold=treedef.unflatten(thresholds))
+    telemetry = state.telemetry._replace(
+      num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
+    )
     return treedef.unflatten(new_updates), ScaleByMoFOState(
-        count=count_inc, mu=treedef.unflatten(mus), nu=treedef.unflatten(nus),
-        telemetry=telemetry)
+      count=count_inc, mu=treedef.unflatten(mus), nu=treedef.unflatten(nus), telemetry=telemetry
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def keep_top_fraction(
-    fraction: ScalarOrSchedule = 0.1,
-    *,
-    filter_mask: FilterMask = None,
-    partition: _partition.Partition = None,
-    selection: Any = "exact",
+  fraction: ScalarOrSchedule = 0.1,
+  *,
+  filter_mask: FilterMask = None,
+  partition: _partition.Partition = None,
+  selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
 
@@ -344,41 +366,45 @@ def keep_top_fraction(
     _check_float_leaves(params, "keep_top_fraction")
     filtered = _resolve_filter_mask(filter_mask, params)
     _, specs = _block_specs(partition, params, filtered)
-    return KeepTopFractionState(count=jnp.zeros([], jnp.int32),
-                                telemetry=_init_telemetry(params, filtered, specs, selection))
+    return KeepTopFractionState(
+      count=jnp.zeros([], jnp.int32), telemetry=_init_telemetry(params, filtered, specs, selection)
+    )
 
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
-    masks, kept, thresholds = _select(leaves, filtered, specs, is_global,
-                                      fraction_at(state.count), selection)
+    masks, kept, thresholds = _select(
+      leaves, filtered, specs, is_global, fraction_at(state.count), selection
+    )
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
-    telemetry = state.telemetry._replace(num_updated=treedef.unflatten(kept),
-                                         threshold=treedef.unflatten(thresholds))
+    telemetry = state.telemetry._replace(
+      num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
+    )
     return treedef.unflatten(new), KeepTopFractionState(
-        count=optax.safe_increment(state.count), telemetry=telemetry)
+      count=optax.safe_increment(state.count), telemetry=telemetry
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def mofo(
-    learning_rate: ScalarOrSchedule,
-    fraction: ScalarOrSchedule = 0.1,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    *,
-    weight_decay_mask: Any = None,
-    filter_mask: FilterMask = None,
-    partition: _partition.Partition = None,
-    score: str = "momentum",
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    seed: int = 0,
-    selection: Any = "exact",
+  learning_rate: ScalarOrSchedule,
+  fraction: ScalarOrSchedule = 0.1,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  weight_decay_mask: Any = None,
+  filter_mask: FilterMask = None,
+  partition: _partition.Partition = None,
+  score: str = "momentum",
+  mu_dtype: Any = None,
+  nu_dtype: Any = None,
+  seed: int = 0,
+  selection: Any = "exact",
 ) -> optax.GradientTransformation:
   r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
 
@@ -425,9 +451,19 @@ def mofo(
     Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
   """
   return optax.chain(
-      scale_by_mofo(fraction, b1, b2, eps, filter_mask=filter_mask, partition=partition,
-                    score=score, mu_dtype=mu_dtype, nu_dtype=nu_dtype, seed=seed,
-                    selection=selection),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_mofo(
+      fraction,
+      b1,
+      b2,
+      eps,
+      filter_mask=filter_mask,
+      partition=partition,
+      score=score,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      seed=seed,
+      selection=selection,
+    ),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

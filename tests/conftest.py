@@ -6,8 +6,10 @@ import pytest
 # Several simulated CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-TEXT = ("Question: Ann has 3 cards. Ann buys 4 more cards. How many cards does Ann have now?\n"
-        "Answer: 7 The quick brown fox jumps over the lazy dog. 0123456789 ") * 20
+TEXT = (
+  "Question: Ann has 3 cards. Ann buys 4 more cards. How many cards does Ann have now?\n"
+  "Answer: 7 The quick brown fox jumps over the lazy dog. 0123456789 "
+) * 20
 
 
 @pytest.fixture(scope="session")
@@ -21,17 +23,28 @@ def tiny_checkpoint(tmp_path_factory):
 
   path = tmp_path_factory.mktemp("ckpt")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+    [
       tokenizers.pre_tokenizers.Digits(individual_digits=True),
-      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
+      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
+  )
   tok.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    vocab_size=300,
+    special_tokens=["<|endoftext|>"],
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator([TEXT], trainer)
-  config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       tie_word_embeddings=True)
+  config = LlamaConfig(
+    vocab_size=tok.get_vocab_size(),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+  )
   checkpoints_hf.save_hf_checkpoint(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), config, path)
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))

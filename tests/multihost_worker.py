@@ -19,8 +19,12 @@ def main(process_id: int, port: int, out: str) -> None:
   # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib (and is the
   # default in recent jax, but older ones had none).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                             process_id=process_id, initialization_timeout=30)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=30,
+  )
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
   mesh = sm.mesh("2d")
   shards = sm.shardings("2d", mesh)
@@ -29,20 +33,28 @@ def main(process_id: int, port: int, out: str) -> None:
 
   def put(tree):
     # Every process holds the whole (seeded) host array and hands over its devices' slices.
-    return {k: jax.make_array_from_callback(v.shape, shards[k], lambda idx, v=v: v[idx])
-            for k, v in tree.items()}
+    return {
+      k: jax.make_array_from_callback(v.shape, shards[k], lambda idx, v=v: v[idx])
+      for k, v in tree.items()
+    }
 
   p = put(sm.params())
   state = jax.jit(opt.init, out_shardings=state_sh)(p)
-  step = jax.jit(sm.step_fn(opt), in_shardings=(shards, state_sh, shards),
-                 out_shardings=(shards, state_sh))
+  step = jax.jit(
+    sm.step_fn(opt), in_shardings=(shards, state_sh, shards), out_shardings=(shards, state_sh)
+  )
   for i in range(3):
     p, state = step(p, state, put(sm.grads(i)))
   gathered = multihost_utils.process_allgather(
-      {"p": p, "mu": state[0].mu, "nu": state[0].nu}, tiled=True)
+    {"p": p, "mu": state[0].mu, "nu": state[0].nu}, tiled=True
+  )
   if process_id == 0:
-    np.savez(out, **{f"{group}/{k}": np.asarray(v) for group, tree in gathered.items()
-                     for k, v in tree.items()})
+    np.savez(
+      out,
+      **{
+        f"{group}/{k}": np.asarray(v) for group, tree in gathered.items() for k, v in tree.items()
+      },
+    )
   jax.distributed.shutdown()
 
 

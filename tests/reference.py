@@ -20,7 +20,7 @@ def block_mask(score: np.ndarray, fraction: float, block_axes=(), reshape=None) 
   view = score.reshape(reshape) if reshape is not None else score
   rest = [i for i in range(view.ndim) if i not in block_axes]
   moved = np.transpose(view, list(block_axes) + rest)
-  lead = moved.shape[:len(block_axes)]
+  lead = moved.shape[: len(block_axes)]
   flat = moved.reshape(lead + (-1,))
   out = np.zeros(flat.shape, bool)
   for idx in np.ndindex(*lead):
@@ -50,10 +50,12 @@ class MoFO:
       g = g.astype(np.float32)
       self.m[k] = b1 * self.m[k] + c1 * g
       self.v[k] = b2 * self.v[k] + c2 * g * g
-      mhat = self.m[k] / (1 - b1 ** self.t)
-      vhat = self.v[k] / (1 - b2 ** self.t)
+      mhat = self.m[k] / (1 - b1**self.t)
+      vhat = self.v[k] / (1 - b2**self.t)
       u = mhat / (np.sqrt(vhat) + np.float32(self.eps))
-      f = top_fraction_mask(self.m[k], self.fraction) if self.filtered[k] else np.ones(u.shape, bool)
+      f = (
+        top_fraction_mask(self.m[k], self.fraction) if self.filtered[k] else np.ones(u.shape, bool)
+      )
       masks[k] = f
       self.p[k] = self.p[k] - np.float32(self.lr) * (f * u + np.float32(self.wd) * self.p[k])
     return masks

@@ -11,9 +11,11 @@ import mofo_jax
 
 def _big_tree(seed=0):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32),
-          "e": jnp.asarray(rng.standard_t(3, size=(2048, 640)), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(1024,)), jnp.float32)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(1024, 1024)), jnp.float32),
+    "e": jnp.asarray(rng.standard_t(3, size=(2048, 640)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(1024,)), jnp.float32),
+  }
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.1])
@@ -58,7 +60,8 @@ def test_global_and_per_row_blocks(partition):
 
 def test_inject_hyperparams_and_jit_compile_once():
   opt = optax.inject_hyperparams(mofo_jax.mofo, static_args=("selection",))(
-      learning_rate=1e-2, fraction=0.1, selection="approx")
+    learning_rate=1e-2, fraction=0.1, selection="approx"
+  )
   params = _big_tree()
   state = opt.init(params)
   traces = []

@@ -17,8 +17,9 @@ def _steps(opt, layout, p, state, first, last):
   mesh = sm.mesh(layout)
   shards = sm.shardings(layout, mesh)
   state_sh = mofo_jax.state_shardings(opt, sm.abstract(shards))
-  step = jax.jit(sm.step_fn(opt), in_shardings=(shards, state_sh, shards),
-                 out_shardings=(shards, state_sh))
+  step = jax.jit(
+    sm.step_fn(opt), in_shardings=(shards, state_sh, shards), out_shardings=(shards, state_sh)
+  )
   for i in range(first, last):
     p, state = step(p, state, jax.tree.map(jax.device_put, sm.grads(i), shards))
   return p, state
@@ -38,10 +39,14 @@ def test_restore_and_continue_matches_uninterrupted_run(tmp_path, restore_layout
   # Restore straight into the target mesh's shardings: each device reads only its slices.
   new_shards = sm.shardings(restore_layout, sm.mesh(restore_layout))
   abstract_p = sm.abstract(new_shards)
-  target = {"params": abstract_p,
-            "opt_state": jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                jax.eval_shape(opt.init, abstract_p), mofo_jax.state_shardings(opt, abstract_p))}
+  target = {
+    "params": abstract_p,
+    "opt_state": jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(opt.init, abstract_p),
+      mofo_jax.state_shardings(opt, abstract_p),
+    ),
+  }
   with ocp.StandardCheckpointer() as ckpt:
     restored = ckpt.restore(tmp_path / "ckpt", target)
   p2, state2 = restored["params"], restored["opt_state"]

@@ -13,8 +13,10 @@ import mofo_jax
 
 def _tree(seed=0):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(12,)), jnp.float32)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(12,)), jnp.float32),
+  }
 
 
 def _grads(step):
@@ -62,8 +64,9 @@ def test_inject_hyperparams_over_learning_rate_and_fraction_without_recompiling(
   assert len(traces) == 1
   # Same trajectory as the plain optimizer at the first setting.
   plain, _ = _run(mofo_jax.mofo(1e-2, 0.1), steps=3)
-  injected, _ = _run(optax.inject_hyperparams(mofo_jax.mofo)(learning_rate=1e-2, fraction=0.1),
-                     steps=3)
+  injected, _ = _run(
+    optax.inject_hyperparams(mofo_jax.mofo)(learning_rate=1e-2, fraction=0.1), steps=3
+  )
   chex.assert_trees_all_close(plain, injected, rtol=1e-6)
 
 
@@ -129,8 +132,10 @@ def test_masked_and_partition_keep_no_state_for_frozen_leaves():
   assert isinstance(mofo_state.mu["b"], optax.MaskedNode)
   assert mofo_state.mu["w"].shape == (8, 12)
 
-  part = optax.partition({"train": mofo_jax.mofo(1e-2, 0.2), "frozen": optax.set_to_zero()},
-                         {"w": "train", "b": "frozen"})
+  part = optax.partition(
+    {"train": mofo_jax.mofo(1e-2, 0.2), "frozen": optax.set_to_zero()},
+    {"w": "train", "b": "frozen"},
+  )
   params, state = _run(part, steps=2)
   chex.assert_trees_all_equal(params["b"], _tree()["b"])
   assert isinstance(state.inner_states["train"].inner_state[0].mu["b"], optax.MaskedNode)
@@ -178,8 +183,9 @@ def test_dtypes(dtype, mu_dtype):
   params = jax.tree.map(lambda x: x.astype(dtype), _tree())
   opt = mofo_jax.mofo(1e-2, 0.2, mu_dtype=mu_dtype, nu_dtype=jnp.float32)
   state = opt.init(params)
-  updates, state = jax.jit(opt.update)(jax.tree.map(lambda x: x.astype(dtype), _grads(0)),
-                                       state, params)
+  updates, state = jax.jit(opt.update)(
+    jax.tree.map(lambda x: x.astype(dtype), _grads(0)), state, params
+  )
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   assert state[0].mu["w"].dtype == (mu_dtype or jnp.float32)
   assert state[0].nu["w"].dtype == jnp.float32
@@ -218,7 +224,8 @@ def test_filter_mask_pytree_and_callable():
   params = _tree()
   for mask in ({"w": False, "b": True}, lambda p: {"w": False, "b": True}):
     updates, _ = mofo_jax.mofo(1e-2, 0.25, filter_mask=mask).update(
-        _grads(0), mofo_jax.mofo(1e-2, 0.25, filter_mask=mask).init(params), params)
+      _grads(0), mofo_jax.mofo(1e-2, 0.25, filter_mask=mask).init(params), params
+    )
     assert int((updates["w"] != 0).sum()) == 96
     assert int((updates["b"] != 0).sum()) == 3
 
@@ -234,6 +241,7 @@ def _mask_of(score, fraction=0.25, steps=1):
 
 def test_score_variants_rank_by_what_they_say():
   from tests import reference
+
   g0 = np.asarray(_grads(0)["w"])
   got, _ = _mask_of("gradient", steps=1)
   np.testing.assert_array_equal(got, reference.top_fraction_mask(g0, 0.25))
@@ -264,8 +272,10 @@ def test_keep_top_fraction_filters_any_optimizer():
   updates, state = opt.update(_grads(0), state, params)
   dense = optax.adam(1e-2).update(_grads(0), optax.adam(1e-2).init(params), params)[0]
   from tests import reference
-  np.testing.assert_array_equal(np.asarray(updates["w"]) != 0,
-                                reference.top_fraction_mask(np.asarray(dense["w"]), 0.25))
+
+  np.testing.assert_array_equal(
+    np.asarray(updates["w"]) != 0, reference.top_fraction_mask(np.asarray(dense["w"]), 0.25)
+  )
   chex.assert_trees_all_equal(updates["b"], dense["b"])
 
 

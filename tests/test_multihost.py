@@ -22,11 +22,23 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
   out = tmp_path / "result.npz"
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port),
-                             str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": ROOT,
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.multihost_worker", str(i), str(port), str(out)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = []
   try:
     for proc in procs:
@@ -46,5 +58,6 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _tails(logs):
-  return "\n".join(f"--- process {i} (last 3000 chars) ---\n{log[-3000:]}"
-                   for i, log in enumerate(logs))
+  return "\n".join(
+    f"--- process {i} (last 3000 chars) ---\n{log[-3000:]}" for i, log in enumerate(logs)
+  )

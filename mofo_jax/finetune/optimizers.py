@@ -17,6 +17,7 @@ OPTIMIZERS = ("mofo", "adamw", "mofo-gradient", "mofo-update", "mofo-random", "a
 
 class L2ToReferenceState(NamedTuple):
   """State of :func:`add_l2_to_reference`."""
+
   reference: optax.Params  # like params: the weights the penalty pulls toward
 
 
@@ -46,8 +47,9 @@ def add_l2_to_reference(strength: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("add_l2_to_reference needs params: call update(grads, state, params).")
-    updates = jax.tree.map(lambda g, p, r: g + strength * (p - r).astype(g.dtype),
-                           updates, params, state.reference)
+    updates = jax.tree.map(
+      lambda g, p, r: g + strength * (p - r).astype(g.dtype), updates, params, state.reference
+    )
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -72,8 +74,14 @@ def half_fine_tuning_mask(params: Any, seed: int = 0) -> Any:
   groups: dict[Any, list[int]] = {}
   for i, (path, leaf) in enumerate(flat):
     if np.ndim(leaf) >= 2:
-      layer = next((getattr(k, "idx", getattr(k, "key", None)) for k in path
-                    if isinstance(getattr(k, "idx", getattr(k, "key", None)), int)), None)
+      layer = next(
+        (
+          getattr(k, "idx", getattr(k, "key", None))
+          for k in path
+          if isinstance(getattr(k, "idx", getattr(k, "key", None)), int)
+        ),
+        None,
+      )
       groups.setdefault(layer, []).append(i)
   trainable = [np.ndim(leaf) < 2 for _, leaf in flat]
   rng = np.random.default_rng(seed)
@@ -126,8 +134,12 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   """Linear warmup to the peak, then cosine decay to 10% of it at ``total_steps``."""
   warmup = min(cfg.warmup_steps, cfg.total_steps - 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup else cfg.learning_rate, peak_value=cfg.learning_rate,
-      warmup_steps=warmup, decay_steps=cfg.total_steps, end_value=0.1 * cfg.learning_rate)
+    init_value=0.0 if warmup else cfg.learning_rate,
+    peak_value=cfg.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=cfg.total_steps,
+    end_value=0.1 * cfg.learning_rate,
+  )
 
 
 def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTransformation:
@@ -142,10 +154,15 @@ def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTr
   """
   lr = learning_rate_schedule(cfg)
   if cfg.name.startswith("mofo"):
-    score = {"mofo": "momentum", "mofo-gradient": "gradient", "mofo-update": "update",
-             "mofo-random": "random"}[cfg.name]
-    core = mofo_jax.mofo(lr, fraction=cfg.fraction, weight_decay=cfg.weight_decay, score=score,
-                         seed=cfg.seed)
+    score = {
+      "mofo": "momentum",
+      "mofo-gradient": "gradient",
+      "mofo-update": "update",
+      "mofo-random": "random",
+    }[cfg.name]
+    core = mofo_jax.mofo(
+      lr, fraction=cfg.fraction, weight_decay=cfg.weight_decay, score=score, seed=cfg.seed
+    )
   elif cfg.name == "hft":
     if params is None:
       raise ValueError("the hft optimizer needs the params to choose its frozen half.")

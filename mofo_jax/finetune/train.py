@@ -40,8 +40,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in spec.split(","))):
     name, sep, value = part.partition("=")
     if not sep or name not in sizes:
-      raise ValueError(f"--mesh {spec!r}: expected name=size pairs over {list(sizes)}, got "
-                       f"{part!r}.")
+      raise ValueError(
+        f"--mesh {spec!r}: expected name=size pairs over {list(sizes)}, got {part!r}."
+      )
     try:
       sizes[name] = int(value)
     except ValueError:
@@ -72,8 +73,7 @@ def make_mesh(spec: str | Mapping[str, int], devices=None) -> jax.sharding.Mesh:
 
 def token_losses(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Per-token next-token cross entropy [B,T] and the model's greedy prediction [B,T]."""
-  logits = model(batch["input_ids"], positions=batch["positions"],
-                 segment_ids=batch["segment_ids"])
+  logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return losses, jnp.argmax(logits, axis=-1)
 
@@ -81,6 +81,7 @@ def token_losses(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]
 @dataclasses.dataclass
 class TrainState:
   """Everything a step changes: the step count, the params, the optimizer state."""
+
   step: int
   params: Any
   opt_state: Any
@@ -102,8 +103,14 @@ class Trainer:
       this many slices whose gradients are averaged inside the step.
   """
 
-  def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh, param_shardings: Any = None, grad_accum: int = 1):
+  def __init__(
+    self,
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any = None,
+    grad_accum: int = 1,
+  ):
     if grad_accum < 1:
       raise ValueError(f"grad_accum={grad_accum} must be at least 1.")
     self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -111,8 +118,9 @@ class Trainer:
     self.grad_accum = grad_accum
     self.optimizer = optimizer
     replicated = NamedSharding(mesh, P())
-    self.param_shardings = (jax.tree.map(lambda _: replicated, params)
-                            if param_shardings is None else param_shardings)
+    self.param_shardings = (
+      jax.tree.map(lambda _: replicated, params) if param_shardings is None else param_shardings
+    )
     # The pretrained weights, for metrics; the trained copy is donated step after step, so it
     # must not share buffers with the caller's model.
     self.reference = jax.device_put(params, self.param_shardings)
@@ -122,8 +130,11 @@ class Trainer:
     opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(params)
     self.state = TrainState(0, params, opt_state)
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
-                         out_shardings=(self.param_shardings, self.opt_shardings, None))
+    self._step = jax.jit(
+      self._train_step,
+      donate_argnums=(0, 1),
+      out_shardings=(self.param_shardings, self.opt_shardings, None),
+    )
     self._eval = jax.jit(self._eval_step)
     self._distance = jax.jit(self._distance_fn)
 
@@ -155,8 +166,11 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss_sum / denom, "tokens": count,
-                               "grad_norm": optax.tree.norm(grads)}
+    return (
+      params,
+      opt_state,
+      {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)},
+    )
 
   def _eval_step(self, params, batch, stop_ids):
     losses, pred = token_losses(nnx.merge(self.graphdef, params, self.rest), batch)
@@ -171,9 +185,12 @@ class Trainer:
     stops = stop_ids[jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]]
     f32 = jnp.float32
     return {
-        "loss_sum": jnp.sum(losses * mask), "count": jnp.sum(mask, dtype=f32),
-        "answer_loss_sum": jnp.sum(losses * answer), "answer_count": jnp.sum(answer, dtype=f32),
-        "correct": jnp.sum(has & digits_ok & stops, dtype=f32), "rows": jnp.sum(has, dtype=f32),
+      "loss_sum": jnp.sum(losses * mask),
+      "count": jnp.sum(mask, dtype=f32),
+      "answer_loss_sum": jnp.sum(losses * answer),
+      "answer_count": jnp.sum(answer, dtype=f32),
+      "correct": jnp.sum(has & digits_ok & stops, dtype=f32),
+      "rows": jnp.sum(has, dtype=f32),
     }
 
   def _evaluate(self, batches: Iterable[Batch], stop_ids: np.ndarray | None) -> dict[str, float]:
@@ -206,13 +223,16 @@ class Trainer:
       ``(accuracy, mean loss over the answer tokens)``.
     """
     t = self._evaluate(batches, stop_ids)
-    return (t.get("correct", 0.0) / max(t.get("rows", 0.0), 1.0),
-            t.get("answer_loss_sum", 0.0) / max(t.get("answer_count", 0.0), 1.0))
+    return (
+      t.get("correct", 0.0) / max(t.get("rows", 0.0), 1.0),
+      t.get("answer_loss_sum", 0.0) / max(t.get("answer_count", 0.0), 1.0),
+    )
 
   @staticmethod
   def _distance_fn(params, reference):
-    diff = jax.tree.map(lambda p, r: (p.astype(jnp.float32) - r.astype(jnp.float32)), params,
-                        reference)
+    diff = jax.tree.map(
+      lambda p, r: p.astype(jnp.float32) - r.astype(jnp.float32), params, reference
+    )
     changed = sum(jnp.sum(d != 0) for d in jax.tree.leaves(diff))
     return optax.tree.norm(diff), changed
 
@@ -221,15 +241,20 @@ class Trainer:
     rows = len(next(iter(batch.values())))
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
     if rows % shards:
-      raise ValueError(f"a batch of {rows} rows per process cannot be split over the "
-                       f"{shards} data x fsdp shards of this process: use a multiple of {shards}.")
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
+      raise ValueError(
+        f"a batch of {rows} rows per process cannot be split over the "
+        f"{shards} data x fsdp shards of this process: use a multiple of {shards}."
+      )
+    return {
+      k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+      for k, v in batch.items()
+    }
 
   def train_step(self, batch: Batch) -> dict[str, float]:
     """One optimizer step on a batch; returns its metrics as floats."""
-    params, opt_state, metrics = self._step(self.state.params, self.state.opt_state,
-                                            self.shard_batch(batch))
+    params, opt_state, metrics = self._step(
+      self.state.params, self.state.opt_state, self.shard_batch(batch)
+    )
     self.state = TrainState(self.state.step + 1, params, opt_state)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -244,26 +269,41 @@ class Trainer:
   def checkpoint_manager(self, directory: str | os.PathLike, keep: int = 2):
     """An orbax CheckpointManager for this run (writes are atomic: temp dir, then rename)."""
     import orbax.checkpoint as ocp
+
     return ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      Path(directory).absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    )
 
   def save(self, manager) -> None:
     """Saves params, optimizer state and the pretrained reference at the current step."""
     import orbax.checkpoint as ocp
-    manager.save(self.state.step, args=ocp.args.StandardSave(
-        {"params": self.state.params, "opt_state": self.state.opt_state,
-         "reference": self.reference}), force=True)
+
+    manager.save(
+      self.state.step,
+      args=ocp.args.StandardSave(
+        {
+          "params": self.state.params,
+          "opt_state": self.state.opt_state,
+          "reference": self.reference,
+        }
+      ),
+      force=True,
+    )
     manager.wait_until_finished()
 
   def restore(self, manager, step: int | None = None) -> int:
     """Restores the latest (or the given) checkpoint onto this run's shardings; returns its step."""
     import orbax.checkpoint as ocp
+
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    target = {"params": self.state.params, "opt_state": self.state.opt_state,
-              "reference": self.reference}
+    target = {
+      "params": self.state.params,
+      "opt_state": self.state.opt_state,
+      "reference": self.reference,
+    }
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     self.state = TrainState(step, restored["params"], restored["opt_state"])
@@ -297,9 +337,15 @@ class LoopConfig:
   eval_at_start: bool = True
 
 
-def run(trainer: Trainer, batches: Iterator[Batch], cfg: LoopConfig,
-        evaluate: Callable[[Trainer], dict[str, float]], *, resume: bool = False,
-        tensorboard_dir: str | None = None) -> list[dict[str, float]]:
+def run(
+  trainer: Trainer,
+  batches: Iterator[Batch],
+  cfg: LoopConfig,
+  evaluate: Callable[[Trainer], dict[str, float]],
+  *,
+  resume: bool = False,
+  tensorboard_dir: str | None = None,
+) -> list[dict[str, float]]:
   """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C saves.
 
   With ``resume`` the latest checkpoint in ``cfg.checkpoint_dir`` is restored and the batches
@@ -352,8 +398,10 @@ def run(trainer: Trainer, batches: Iterator[Batch], cfg: LoopConfig,
       try:
         batch = next(batches)
       except StopIteration:
-        raise ValueError(f"the data ran out after {trainer.state.step} of {cfg.steps} steps; "
-                         "use more examples or more epochs.") from None
+        raise ValueError(
+          f"the data ran out after {trainer.state.step} of {cfg.steps} steps; "
+          "use more examples or more epochs."
+        ) from None
       metrics = trainer.train_step(batch)
       metrics["step_time_s"] = time.perf_counter() - start
       step = trainer.state.step
@@ -380,15 +428,25 @@ def run(trainer: Trainer, batches: Iterator[Batch], cfg: LoopConfig,
     if writer is not None:
       writer.close()
   if interrupted:
-    raise KeyboardInterrupt(f"stopped at step {trainer.state.step}; checkpoint saved"
-                            if manager else f"stopped at step {trainer.state.step}")
+    raise KeyboardInterrupt(
+      f"stopped at step {trainer.state.step}; checkpoint saved"
+      if manager
+      else f"stopped at step {trainer.state.step}"
+    )
   return records
 
 
 def _progress(total: int, initial: int, enabled: bool):
   from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
-              desc="fine-tuning", unit="step")
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    disable=not enabled,
+    dynamic_ncols=True,
+    desc="fine-tuning",
+    unit="step",
+  )
 
 
 def _tensorboard(directory: str | None):
@@ -401,13 +459,15 @@ def _tensorboard(directory: str | None):
   return SummaryWriter(directory)
 
 
-def make_trainer(model: nnx.Module, opt_cfg: optimizers.OptimizerConfig, mesh_spec: str = "",
-                 grad_accum: int = 1) -> Trainer:
+def make_trainer(
+  model: nnx.Module, opt_cfg: optimizers.OptimizerConfig, mesh_spec: str = "", grad_accum: int = 1
+) -> Trainer:
   """A Trainer for ``model`` with the optimizer of ``opt_cfg`` on a (data, fsdp, tensor) mesh.
 
   Params are sharded by their logical axis names (``model.LOGICAL_AXIS_RULES``).
   """
   from mofo_jax.finetune import model as model_lib
+
   mesh = make_mesh(mesh_spec or "data=-1")
   shardings = model_lib.param_shardings(model, mesh)
   params = nnx.state(model, nnx.Param)

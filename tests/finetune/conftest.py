@@ -8,44 +8,49 @@ from flax import nnx
 from mofo_jax.finetune.model import LlamaConfig, LlamaForCausalLM
 
 TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+  vocab_size=96,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
 )
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    """A 2-layer GQA config small enough to compile in a second."""
-    return LlamaConfig(**{**TINY, **overrides})
+  """A 2-layer GQA config small enough to compile in a second."""
+  return LlamaConfig(**{**TINY, **overrides})
 
 
 def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A model with unit-scale random weights and non-unit norms, so every tensor matters.
+  """A model with unit-scale random weights and non-unit norms, so every tensor matters.
 
-    The default init (std 0.02, unit norms) gives near-uniform logits that hide bugs.
-    """
-    # Abstract construction + numpy values: eager NNX initialisation is slow on CPU.
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
-    rng = np.random.RandomState(seed)
-    new = []
-    for path, var in nnx.to_flat_state(state):
-        noise = rng.standard_normal(var.shape).astype(np.float32)
-        if path[-1] == "scale":
-            value = 1.0 + 0.2 * noise
-        elif path[-1] == "kernel":
-            value = noise / np.sqrt(var.shape[-2])
-        else:  # embedding, biases
-            value = 0.5 * noise
-        new.append((path, var.replace(jax.numpy.asarray(value, config.param_dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(new))
+  The default init (std 0.02, unit norms) gives near-uniform logits that hide bugs.
+  """
+  # Abstract construction + numpy values: eager NNX initialisation is slow on CPU.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
+  rng = np.random.RandomState(seed)
+  new = []
+  for path, var in nnx.to_flat_state(state):
+    noise = rng.standard_normal(var.shape).astype(np.float32)
+    if path[-1] == "scale":
+      value = 1.0 + 0.2 * noise
+    elif path[-1] == "kernel":
+      value = noise / np.sqrt(var.shape[-2])
+    else:  # embedding, biases
+      value = 0.5 * noise
+    new.append((path, var.replace(jax.numpy.asarray(value, config.param_dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(new))
 
 
 @nnx.jit
 def forward(model, input_ids, positions=None, segment_ids=None):
-    """Jitted ``model(...)``: eager NNX calls dispatch op by op and are slow in tests."""
-    return model(input_ids, positions=positions, segment_ids=segment_ids)
+  """Jitted ``model(...)``: eager NNX calls dispatch op by op and are slow in tests."""
+  return model(input_ids, positions=positions, segment_ids=segment_ids)
 
 
 @pytest.fixture
 def token_ids():
-    """[2, 24] random token ids for the tiny vocab."""
-    return np.random.RandomState(0).randint(0, TINY["vocab_size"], size=(2, 24)).astype(np.int32)
+  """[2, 24] random token ids for the tiny vocab."""
+  return np.random.RandomState(0).randint(0, TINY["vocab_size"], size=(2, 24)).astype(np.int32)

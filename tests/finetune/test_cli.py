@@ -6,6 +6,7 @@ import pytest
 
 from mofo_jax.finetune import checkpoints_hf, cli
 
+
 def test_help_reads_well(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["--help"])
@@ -18,10 +19,33 @@ def test_help_reads_well(capsys):
 def test_arithmetic_run_writes_metrics_summary_and_model(tiny_checkpoint, tmp_path):
   checkpoint = tiny_checkpoint
   out = tmp_path / "run"
-  code = cli.main(["--model", str(checkpoint), "--steps", "4", "--eval-every", "2",
-                   "--train-examples", "64", "--eval-examples", "8", "--seq-len", "128",
-                   "--old-text-batches", "1", "--lr", "1e-2", "--difficulty", "1",
-                   "--output-dir", str(out), "--no-progress", "--mesh", "data=1"])
+  code = cli.main(
+    [
+      "--model",
+      str(checkpoint),
+      "--steps",
+      "4",
+      "--eval-every",
+      "2",
+      "--train-examples",
+      "64",
+      "--eval-examples",
+      "8",
+      "--seq-len",
+      "128",
+      "--old-text-batches",
+      "1",
+      "--lr",
+      "1e-2",
+      "--difficulty",
+      "1",
+      "--output-dir",
+      str(out),
+      "--no-progress",
+      "--mesh",
+      "data=1",
+    ]
+  )
   assert code == 0
   lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
   evals = [x for x in lines if x["kind"] == "eval"]
@@ -38,11 +62,31 @@ def test_arithmetic_run_writes_metrics_summary_and_model(tiny_checkpoint, tmp_pa
 def test_jsonl_data_and_its_errors(tiny_checkpoint, tmp_path):
   checkpoint = tiny_checkpoint
   good = tmp_path / "train.jsonl"
-  good.write_text("\n".join(json.dumps({"prompt": f"Q{i}: 1+{i}=", "response": f" {1 + i}"})
-                            for i in range(40)))
-  assert cli.main(["--model", str(checkpoint), "--data", str(good), "--steps", "2",
-                   "--seq-len", "32", "--old-text-batches", "1", "--no-progress",
-                   "--mesh", "data=1", "--optimizer", "adamw"]) == 0
+  good.write_text(
+    "\n".join(json.dumps({"prompt": f"Q{i}: 1+{i}=", "response": f" {1 + i}"}) for i in range(40))
+  )
+  assert (
+    cli.main(
+      [
+        "--model",
+        str(checkpoint),
+        "--data",
+        str(good),
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--old-text-batches",
+        "1",
+        "--no-progress",
+        "--mesh",
+        "data=1",
+        "--optimizer",
+        "adamw",
+      ]
+    )
+    == 0
+  )
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
   with pytest.raises(ValueError, match=":2"):

@@ -13,8 +13,14 @@ VOCAB = 64
 
 
 def tiny_model(seed=0):
-  cfg = model_lib.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  cfg = model_lib.LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
   return model_lib.LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -52,16 +58,23 @@ def leaves(tree):
 def test_every_optimizer_lowers_a_loss(name):
   import jax.numpy as jnp
   import optax
+
   rng = np.random.default_rng(0)
-  target = {"layers": [{"w": rng.normal(size=(6, 5)), "v": rng.normal(size=(5, 4)),
-                        "b": rng.normal(size=5)} for _ in range(2)],
-            "embed": rng.normal(size=(10, 6))}
+  target = {
+    "layers": [
+      {"w": rng.normal(size=(6, 5)), "v": rng.normal(size=(5, 4)), "b": rng.normal(size=5)}
+      for _ in range(2)
+    ],
+    "embed": rng.normal(size=(10, 6)),
+  }
   params = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), target)
   opt = optimizers.make_optimizer(
-      optimizers.OptimizerConfig(name=name, learning_rate=5e-2, total_steps=30), params)
+    optimizers.OptimizerConfig(name=name, learning_rate=5e-2, total_steps=30), params
+  )
   state = opt.init(params)
-  loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
-                                                             jax.tree.leaves(target)))
+  loss = lambda p: sum(
+    jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target))
+  )
 
   @jax.jit
   def step(params, state):
@@ -84,9 +97,19 @@ def test_trainer_lowers_the_loss():
 
 
 def test_half_fine_tuning_freezes_half_of_each_layer():
-  params = {"layers": [{"q": np.ones((2, 2)), "k": np.ones((2, 2)), "v": np.ones((2, 2)),
-                        "o": np.ones((2, 2)), "norm": np.ones(2)} for _ in range(3)],
-            "embed": np.ones((4, 2))}
+  params = {
+    "layers": [
+      {
+        "q": np.ones((2, 2)),
+        "k": np.ones((2, 2)),
+        "v": np.ones((2, 2)),
+        "o": np.ones((2, 2)),
+        "norm": np.ones(2),
+      }
+      for _ in range(3)
+    ],
+    "embed": np.ones((4, 2)),
+  }
   mask = optimizers.half_fine_tuning_mask(params, seed=1)
   for layer in mask["layers"]:
     assert sum(layer[k] for k in "qkvo") == 2 and layer["norm"]
@@ -126,12 +149,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
   full = make(steps=6)
   full_records = train.run(full, batches(), train.LoopConfig(steps=6, progress=False), evaluator())
   part = make(steps=6)
-  train.run(part, batches(), train.LoopConfig(steps=3, checkpoint_dir=str(tmp_path), progress=False),
-            evaluator())
+  train.run(
+    part,
+    batches(),
+    train.LoopConfig(steps=3, checkpoint_dir=str(tmp_path), progress=False),
+    evaluator(),
+  )
   resumed = make(steps=6)
-  records = train.run(resumed, batches(), train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path),
-                                                           progress=False),
-                      evaluator(), resume=True)
+  records = train.run(
+    resumed,
+    batches(),
+    train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path), progress=False),
+    evaluator(),
+    resume=True,
+  )
   assert resumed.state.step == 6
   for a, c in zip(leaves(full.state.params), leaves(resumed.state.params)):
     np.testing.assert_array_equal(a, c)
@@ -147,17 +178,26 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path):
 
   trainer = make()
   with pytest.raises(KeyboardInterrupt, match="step 2"):
-    train.run(trainer, interrupted_after(2),
-              train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path), progress=False), evaluator())
+    train.run(
+      trainer,
+      interrupted_after(2),
+      train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path), progress=False),
+      evaluator(),
+    )
   manager = trainer.checkpoint_manager(tmp_path)
   assert manager.latest_step() == 2
 
 
 def test_metrics_jsonl_has_train_and_eval_lines(tmp_path):
   import json
+
   path = tmp_path / "m.jsonl"
-  train.run(make(), batches(), train.LoopConfig(steps=3, eval_every=2, metrics_path=str(path),
-                                                progress=False), evaluator())
+  train.run(
+    make(),
+    batches(),
+    train.LoopConfig(steps=3, eval_every=2, metrics_path=str(path), progress=False),
+    evaluator(),
+  )
   lines = [json.loads(x) for x in path.read_text().splitlines()]
   assert [x["step"] for x in lines if x["kind"] == "eval"] == [0, 2, 3]
   assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3]
@@ -175,9 +215,15 @@ def test_answer_accuracy_scores_greedy_exact_match():
   assert float(out["rows"]) == 4
 
 
-@pytest.mark.parametrize("spec, err", [("data=2,model=4", "model"), ("data=x", "not an integer"),
-                                       ("data=16", "needs 16 devices"),
-                                       ("data=-1,fsdp=-1", "at most one")])
+@pytest.mark.parametrize(
+  "spec, err",
+  [
+    ("data=2,model=4", "model"),
+    ("data=x", "not an integer"),
+    ("data=16", "needs 16 devices"),
+    ("data=-1,fsdp=-1", "at most one"),
+  ],
+)
 def test_bad_mesh_specs(spec, err):
   with pytest.raises(ValueError, match=err):
     train.make_mesh(spec)
