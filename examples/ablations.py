@@ -58,7 +58,8 @@ def parse_args(argv=None):
   p.add_argument("--model", default=None)
   p.add_argument("--out-dir", default="ablations_out")
   args = p.parse_args(argv)
-  args.eval_every, args.eval_at_start = 0, False
+  # Half Fine-Tuning freezes matrices layer by layer: keep the layers separate for every run.
+  args.eval_every, args.eval_at_start, args.scan_layers = 0, False, False
   return args
 
 

@@ -21,8 +21,8 @@ import json
 import time
 from pathlib import Path
 
-DEFAULTS = {"steps": 60, "eval_every": 20, "task_eval": 64, "old_batches": 2}
-QUICK = {"steps": 12, "eval_every": 6, "task_eval": 24, "old_batches": 1}
+DEFAULTS = {"steps": 40, "eval_every": 20, "task_eval": 64, "old_batches": 2}
+QUICK = {"steps": 6, "eval_every": 0, "task_eval": 24, "old_batches": 1}
 
 
 def parse_args(argv=None):
@@ -31,7 +31,9 @@ def parse_args(argv=None):
   )
   p.add_argument("--quick", action="store_true", help="a 2-minute version")
   p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-  p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+  p.add_argument(
+    "--eval-every", type=int, default=None, help="steps between evaluations (0: start and end)"
+  )
   p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, both optimizers")
   p.add_argument("--fraction", type=float, default=0.1, help="MoFO's fraction per block")
   p.add_argument("--optimizers", default="adamw,mofo", help="comma-separated optimizer names")
@@ -45,7 +47,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   preset = QUICK if args.quick else DEFAULTS
   args.steps = args.steps or preset["steps"]
-  args.eval_every = args.eval_every or preset["eval_every"]
+  args.eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
   args.task_eval, args.old_batches = preset["task_eval"], preset["old_batches"]
   return args
 
@@ -54,7 +56,10 @@ def load_setup(args):
   """The pretrained model, tokenizer, training examples and the evaluator, loaded once."""
   from mofo_jax.finetune import cli, evaluation
 
-  config, model, tok = cli.load_model_and_tokenizer(args.model, "float32", False)
+  # Stacked layers compile several times faster; MoFO still ranks every layer's matrices on
+  # their own (Half Fine-Tuning, in the ablations, needs separate layers).
+  scan = getattr(args, "scan_layers", True)
+  config, model, tok = cli.load_model_and_tokenizer(args.model, "float32", False, scan)
   train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
     tok.tokenizer,
     tok.eos_token_id,

@@ -142,17 +142,47 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   )
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTransformation:
-  """Builds the optimizer ``cfg`` names (``params`` is needed for ``hft``'s static mask).
+def _is_stacked(path) -> bool:
+  return any(getattr(k, "key", getattr(k, "name", None)) == "layers" for k in path)
+
+
+def stacked_layer_blocks(params: Any) -> tuple[Any, Any]:
+  """MoFO's ``filter_mask`` and ``partition`` for a model whose layers are stacked (scanned).
+
+  A stacked leaf (one under ``layers``, with a leading layer axis) is ranked per layer, and
+  filtered when each layer's slice is a matrix, so the optimizer does exactly what it does on
+  the same model with separate layers: one block per weight matrix, dense norm scales.
+
+  Args:
+    params: the parameter pytree.
+
+  Returns:
+    ``(filter_mask, partition)`` pytrees like ``params``.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  stacked = [_is_stacked(path) for path, _ in flat]
+  filtered = [np.ndim(x) - s >= 2 for (_, x), s in zip(flat, stacked)]
+  specs = [mofo_jax.BlockSpec(axes=(0,)) if s else mofo_jax.BlockSpec() for s in stacked]
+  return treedef.unflatten(filtered), treedef.unflatten(specs)
+
+
+def make_optimizer(
+  cfg: OptimizerConfig, params: Any = None, stacked_layers: bool = False
+) -> optax.GradientTransformation:
+  """Builds the optimizer ``cfg`` names.
 
   Args:
     cfg: the optimizer configuration.
-    params: the parameter pytree (only ``hft`` reads it).
+    params: the parameter pytree (read by ``hft`` and for stacked layers).
+    stacked_layers: the model's layers are stacked along a leading axis (``scan_layers``):
+      MoFO then ranks each layer's matrices separately (see :func:`stacked_layer_blocks`).
 
   Returns:
     An ``optax.GradientTransformation``.
   """
   lr = learning_rate_schedule(cfg)
+  if (stacked_layers or cfg.name == "hft") and params is None:
+    raise ValueError(f"the {cfg.name} optimizer needs the params to lay out its blocks.")
   if cfg.name.startswith("mofo"):
     score = {
       "mofo": "momentum",
@@ -160,12 +190,22 @@ def make_optimizer(cfg: OptimizerConfig, params: Any = None) -> optax.GradientTr
       "mofo-update": "update",
       "mofo-random": "random",
     }[cfg.name]
+    filter_mask, partition = stacked_layer_blocks(params) if stacked_layers else (None, None)
     core = mofo_jax.mofo(
-      lr, fraction=cfg.fraction, weight_decay=cfg.weight_decay, score=score, seed=cfg.seed
+      lr,
+      fraction=cfg.fraction,
+      weight_decay=cfg.weight_decay,
+      score=score,
+      seed=cfg.seed,
+      filter_mask=filter_mask,
+      partition=partition,
     )
   elif cfg.name == "hft":
-    if params is None:
-      raise ValueError("the hft optimizer needs the params to choose its frozen half.")
+    if stacked_layers:
+      raise ValueError(
+        "hft freezes a random half of each layer's matrices: it needs separate "
+        "layers (scan_layers=False)."
+      )
     mask = half_fine_tuning_mask(params, cfg.seed)
     core = optax.masked(optax.adamw(lr, weight_decay=cfg.weight_decay), mask)
     core = optax.chain(core, optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)))

@@ -471,4 +471,6 @@ def make_trainer(
   mesh = make_mesh(mesh_spec or "data=-1")
   shardings = model_lib.param_shardings(model, mesh)
   params = nnx.state(model, nnx.Param)
-  return Trainer(model, optimizers.make_optimizer(opt_cfg, params), mesh, shardings, grad_accum)
+  stacked = bool(getattr(getattr(model, "config", None), "scan_layers", False))
+  optimizer = optimizers.make_optimizer(opt_cfg, params, stacked_layers=stacked)
+  return Trainer(model, optimizer, mesh, shardings, grad_accum)

@@ -1,5 +1,7 @@
 """The fine-tuning loop on a tiny random Llama: steps, accumulation, sharding, resume, Ctrl-C."""
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -240,3 +242,35 @@ def test_data_running_out_is_a_clear_error():
   short = data_lib.batch_iterator(examples(16), 8, 16, seed=0, num_epochs=1)
   with pytest.raises(ValueError, match="ran out"):
     train.run(make(), short, train.LoopConfig(steps=50, progress=False), evaluator())
+
+
+def test_stacked_layers_get_per_layer_blocks_like_separate_layers():
+  import dataclasses
+
+  from mofo_jax.finetune import checkpoints_hf
+
+  plain = tiny_model()
+  stacked = checkpoints_hf.model_from_hf_tensors(
+    dataclasses.replace(plain.config, scan_layers=True), checkpoints_hf.hf_tensors_from_model(plain)
+  )
+  moved = {}
+  for name, model in (("plain", plain), ("stacked", stacked)):
+    trainer = train.make_trainer(model, optimizers.OptimizerConfig(total_steps=2), "data=1")
+    for batch in list(itertools.islice(batches(), 2)):
+      trainer.train_step(batch)
+    after = checkpoints_hf.hf_tensors_from_model(trainer.model())
+    before = checkpoints_hf.hf_tensors_from_model(model)
+    moved[name] = {k: after[k] != before[k] for k in after}
+  for k, plain_moved in moved["plain"].items():
+    # Same blocks: every matrix moves its own top 10%, norms move densely, in both layouts.
+    assert plain_moved.mean() == moved["stacked"][k].mean(), k
+  q = moved["stacked"]["model.layers.0.self_attn.q_proj.weight"]
+  assert 0.1 <= q.mean() <= 0.2
+  assert moved["stacked"]["model.layers.1.input_layernorm.weight"].all()
+
+
+def test_half_fine_tuning_refuses_stacked_layers():
+  with pytest.raises(ValueError, match="separate"):
+    optimizers.make_optimizer(
+      optimizers.OptimizerConfig(name="hft"), {"w": np.ones((2, 2))}, stacked_layers=True
+    )
