@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   if args.distributed:
+    # CPU hosts need an implementation of cross-process collectives; accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
       coordinator_address=args.coordinator_address,
       num_processes=args.num_processes,
@@ -250,15 +252,16 @@ def main(argv: list[str] | None = None) -> int:
   )
 
   out = Path(args.output_dir) if args.output_dir else None
-  if out:
+  lead = jax.process_index() == 0  # the process that writes files and prints
+  if out and lead:
     out.mkdir(parents=True, exist_ok=True)
   loop = train.LoopConfig(
     steps=args.steps,
     eval_every=args.eval_every,
     checkpoint_every=args.checkpoint_every,
     checkpoint_dir=args.checkpoint_dir,
-    metrics_path=str(out / "metrics.jsonl") if out else None,
-    progress=not args.no_progress and jax.process_index() == 0,
+    metrics_path=str(out / "metrics.jsonl") if out and lead else None,
+    progress=not args.no_progress and lead,
   )
   try:
     records = train.run(
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
       loop,
       evaluator,
       resume=args.resume,
-      tensorboard_dir=str(out / "tb") if out else None,
+      tensorboard_dir=str(out / "tb") if out and lead else None,
     )
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
@@ -275,15 +278,18 @@ def main(argv: list[str] | None = None) -> int:
   wall = time.perf_counter() - started
   first, last = records[0], records[-1]
   summary = {"settings": vars(args), "wall_time_s": wall, "before": first, "after": last}
-  if jax.process_index() == 0:
+  if lead:
     print(format_summary(first, last, wall))
   if out:
-    if jax.process_index() == 0:
-      (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from jax.experimental import multihost_utils
+
     from mofo_jax.finetune import checkpoints_hf
 
-    checkpoints_hf.save_hf_checkpoint(trainer.model(), config, out / "model")
-    if jax.process_index() == 0:
+    # Every process joins the gather (params may be sharded across hosts); one writes.
+    params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
+    if lead:
+      (out / "summary.json").write_text(json.dumps(summary, indent=2))
+      checkpoints_hf.save_hf_checkpoint(trainer.model(params), config, out / "model")
       hf_tok.save(str(out / "model" / "tokenizer.json"))
   return 0
 
