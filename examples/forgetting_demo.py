@@ -9,8 +9,8 @@ problems in the same order with the same learning-rate schedule, and are measure
   topics, the World English Bible) - its rise is the forgetting;
 * how far the weights moved: L2 distance from the pretrained weights, fraction ever changed.
 
-Run: python examples/forgetting_demo.py            (about 10 minutes on 2 CPU cores)
-     python examples/forgetting_demo.py --quick    (about 2 minutes)
+Run: python examples/forgetting_demo.py            (about 8 minutes on 2 CPU cores)
+     python examples/forgetting_demo.py --quick    (6 steps each: a smoke run)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
   )
-  p.add_argument("--quick", action="store_true", help="a 2-minute version")
+  p.add_argument("--quick", action="store_true", help="6 steps per optimizer and smaller evaluations")
   p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
   p.add_argument(
     "--eval-every", type=int, default=None, help="steps between evaluations (0: start and end)"
