@@ -208,13 +208,15 @@ def test_metrics_jsonl_has_train_and_eval_lines(tmp_path):
 
 def test_answer_accuracy_scores_greedy_exact_match():
   trainer = make()
-  rows = evaluation.one_per_row(examples(4, seed=3), 16, 4)
-  acc, loss = trainer.answer_accuracy(rows, np.ones(VOCAB, bool))
+  (b,) = evaluation.one_per_row(examples(4, seed=3), 16, 4)
+  acc, loss = trainer.answer_accuracy([b], np.ones(VOCAB, bool))
   assert acc == 0.0 and loss > 0  # an untrained model does not count
-  # Replace the model's predictions by the targets: every row must then count as correct.
-  b = rows[0]
-  out = trainer._eval_step(trainer.state.params, b, np.ones(VOCAB, bool))
-  assert float(out["rows"]) == 4
+  # Targets set to the model's own greedy predictions: every row is then an exact match...
+  _, pred = train.token_losses(trainer.model(), b)
+  greedy = {**b, "targets": np.where(b["loss_mask"] > 0, np.asarray(pred), b["targets"])}
+  assert trainer.answer_accuracy([greedy], np.ones(VOCAB, bool))[0] == 1.0
+  # ...unless the token predicted after the answer would continue the number.
+  assert trainer.answer_accuracy([greedy], np.zeros(VOCAB, bool))[0] == 0.0
 
 
 @pytest.mark.parametrize(
