@@ -59,7 +59,7 @@ def parse_args(argv=None):
   p.add_argument("--out-dir", default="ablations_out")
   args = p.parse_args(argv)
   # Half Fine-Tuning freezes matrices layer by layer: keep the layers separate for every run.
-  args.eval_every, args.eval_at_start, args.scan_layers = 0, False, False
+  args.eval_every, args.scan_layers = 0, False
   return args
 
 
@@ -163,15 +163,16 @@ def main(argv=None) -> dict:
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  setup = forgetting_demo.load_setup(args)
-  from mofo_jax.finetune import optimizers, train
+  from mofo_jax.finetune import runner
 
-  # The pretrained point is shared: measure it once.
-  probe = train.make_trainer(setup[0], optimizers.OptimizerConfig(name="adamw"), "data=1")
-  results = {"settings": vars(args), "pretrained": setup[3](probe), "runs": {}}
-  del probe
+  args.eval_at_start = True
+  prepared = runner.prepare(forgetting_demo.run_config(args))
+  results = {"settings": vars(args), "pretrained": None, "runs": {}}
   for group, label, overrides in runs_of(args):
-    run = forgetting_demo.fine_tune(args, setup, label, **overrides)
+    run = forgetting_demo.fine_tune(forgetting_demo.run_config(args, **overrides), prepared, label)
+    # Every run starts from the same weights: the pretrained point is measured by the first only.
+    if args.eval_at_start:
+      results["pretrained"], args.eval_at_start = run["records"][0], False
     results["runs"][label] = {
       "group": group,
       "label": label,

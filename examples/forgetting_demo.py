@@ -20,6 +20,10 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from mofo_jax.finetune.run_config import RunConfig
 
 DEFAULTS = {"steps": 40, "eval_every": 20, "task_eval": 64, "old_batches": 2}
 QUICK = {"steps": 6, "eval_every": 0, "task_eval": 24, "old_batches": 1}
@@ -29,7 +33,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
   )
-  p.add_argument("--quick", action="store_true", help="6 steps per optimizer and smaller evaluations")
+  p.add_argument(
+    "--quick", action="store_true", help="6 steps per optimizer and smaller evaluations"
+  )
   p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
   p.add_argument(
     "--eval-every", type=int, default=None, help="steps between evaluations (0: start and end)"
@@ -49,76 +55,67 @@ def parse_args(argv=None):
   args.steps = args.steps or preset["steps"]
   args.eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
   args.task_eval, args.old_batches = preset["task_eval"], preset["old_batches"]
+  args.eval_at_start, args.scan_layers = True, True
   return args
 
 
-def load_setup(args):
-  """The pretrained model, tokenizer, training examples and the evaluator, loaded once."""
-  from mofo_jax.finetune import cli, evaluation
+def run_config(args, **optimizer) -> RunConfig:
+  """The run the demo's flags describe; ``optimizer`` overrides its optimizer settings."""
+  from mofo_jax.finetune import run_config as rc
+  from mofo_jax.finetune.optimizers import OptimizerConfig
 
-  # Stacked layers compile several times faster; MoFO still ranks every layer's matrices on
-  # their own (Half Fine-Tuning, in the ablations, needs separate layers).
-  scan = getattr(args, "scan_layers", True)
-  config, model, tok = cli.load_model_and_tokenizer(args.model, "float32", False, scan)
-  train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
-    tok.tokenizer,
-    tok.eos_token_id,
-    config.vocab_size,
-    difficulty=args.difficulty,
-    num_train=args.steps * args.batch_size * 2,
-    num_eval=args.task_eval,
-    seq_len=args.seq_len,
-    eval_batch_size=args.batch_size,
-    seed=args.seed,
+  settings = {
+    "name": "mofo",
+    "learning_rate": args.lr,
+    "fraction": args.fraction,
+    "warmup_steps": args.warmup_steps,
+    "total_steps": args.steps,
+    "seed": args.seed,
+  }
+  return rc.RunConfig(
+    # Stacked layers compile several times faster; MoFO still ranks every layer's matrices on
+    # their own (Half Fine-Tuning, in the ablations, needs separate layers).
+    model=rc.ModelSettings(path=args.model, scan_layers=args.scan_layers),
+    data=rc.DataSettings(
+      difficulty=args.difficulty,
+      train_examples=args.steps * args.batch_size * 2,
+      seq_len=args.seq_len,
+      batch_size=args.batch_size,
+      seed=args.seed,
+    ),
+    optimizer=OptimizerConfig(**{**settings, **optimizer}),
+    steps=args.steps,
+    mesh="data=1",
+    eval=rc.EvalSettings(
+      eval_examples=args.task_eval,
+      old_text_batches=args.old_batches,
+      eval_every=args.eval_every,
+      at_start=args.eval_at_start,
+    ),
   )
-  old_text = evaluation.old_capability_batches(
-    tok.tokenizer, args.seq_len, args.old_batches, args.batch_size
-  )
-  return model, tok, train_examples, evaluation.Evaluator(task_batches, stop_ids, old_text)
 
 
-def fine_tune(args, setup, label: str, **overrides) -> dict:
-  """One run from the pretrained weights; ``overrides`` change the optimizer configuration."""
-  from mofo_jax.finetune import optimizers, train
-  from mofo_jax.finetune import data as data_lib
+def fine_tune(config: RunConfig, prepared, label: str) -> dict:
+  """One run from the pretrained weights (the same seed: the same problems in the same order)."""
+  from mofo_jax.finetune import runner
 
-  model, tok, train_examples, evaluator = setup
   print(f"\n== {label}")
-  settings = dict(
-    name="mofo",
-    learning_rate=args.lr,
-    fraction=args.fraction,
-    warmup_steps=args.warmup_steps,
-    total_steps=args.steps,
-    seed=args.seed,
-  )
-  cfg = optimizers.OptimizerConfig(**{**settings, **overrides})
-  trainer = train.make_trainer(model, cfg, "data=1")
-  # The same seed gives every run the same problems in the same order.
-  batches = data_lib.batch_iterator(
-    train_examples,
-    args.batch_size,
-    args.seq_len,
-    seed=args.seed,
-    num_epochs=None,
-    pad_id=tok.pad_token_id or 0,
-  )
   start = time.perf_counter()
-  loop = train.LoopConfig(
-    steps=args.steps, eval_every=args.eval_every, eval_at_start=getattr(args, "eval_at_start", True)
-  )
-  records = train.run(trainer, batches, loop, evaluator)
+  result = runner.run(config, prepared)
   return {
-    "records": records,
+    "records": result.records,
     "wall_s": time.perf_counter() - start,
-    "optimizer": dataclasses.asdict(cfg),
+    "optimizer": dataclasses.asdict(config.optimizer),
   }
 
 
 def run_all(args) -> dict:
   """Fine-tunes with each optimizer; returns the settings and each run's evaluation records."""
-  setup = load_setup(args)
-  runs = {name: fine_tune(args, setup, name, name=name) for name in args.optimizers.split(",")}
+  from mofo_jax.finetune import runner
+
+  names = args.optimizers.split(",")
+  prepared = runner.prepare(run_config(args))
+  runs = {name: fine_tune(run_config(args, name=name), prepared, name) for name in names}
   return {"settings": vars(args), "runs": runs}
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from mofo_jax.finetune.run_config import RunConfig
 
 DESCRIPTION = """\
 Fine-tune a pretrained Llama-family model with MoFO or AdamW, and measure what it learns
@@ -24,12 +25,17 @@ examples:
   mofo-finetune --optimizer adamw --lr 3e-5 --steps 200 --output-dir runs/adamw
   mofo-finetune --model path/to/hf_dir --data train.jsonl --mesh data=1,fsdp=8,tensor=1
   mofo-finetune --checkpoint-dir runs/ckpt --checkpoint-every 50 --resume
+  mofo-finetune --param-dtype float32 --compute-dtype bfloat16 --mesh data=1,fsdp=-1
+
+exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
+2 a usage or input error (one line naming the flag or file), 130 interrupted (saved).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The command-line interface."""
   from mofo_jax.finetune.optimizers import OPTIMIZERS
+  from mofo_jax.finetune.run_config import DTYPES
 
   p = argparse.ArgumentParser(
     prog="mofo-finetune",
@@ -46,9 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
   )
   g.add_argument(
     "--dtype",
-    choices=("float32", "bfloat16"),
-    default="float32",
-    help="compute and parameter dtype (default: %(default)s)",
+    choices=DTYPES,
+    default=None,
+    help="parameter and compute dtype at once (default: float32)",
+  )
+  g.add_argument(
+    "--param-dtype",
+    choices=DTYPES,
+    default=None,
+    help="dtype the weights are stored and updated in (default: --dtype); bfloat16 weights "
+    "round small MoFO steps away",
+  )
+  g.add_argument(
+    "--compute-dtype",
+    choices=DTYPES,
+    default=None,
+    help="dtype of the matmuls (default: --dtype); float32 master weights with bfloat16 "
+    "compute: --param-dtype float32 --compute-dtype bfloat16",
   )
   g.add_argument("--remat", action="store_true", help="rematerialise layers in the backward pass")
   g.add_argument(
@@ -86,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     help="rows per optimizer step, all devices and accumulation included (default: 8)",
   )
   g.add_argument(
-    "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)"
+    "--grad-accum",
+    type=int,
+    default=1,
+    help="micro-batches per optimizer step; must divide --batch-size (default: 1)",
+  )
+  g.add_argument(
+    "--truncate",
+    action="store_true",
+    help="cut examples longer than --seq-len + 1 tokens (default: refuse them)",
   )
   g.add_argument(
     "--old-text-batches",
@@ -105,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
   )
   g.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
   g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (default: 0)")
+  g.add_argument(
+    "--decay-steps",
+    type=int,
+    default=None,
+    help="horizon of the cosine decay (default: --steps; a resumed run that extends --steps "
+    "keeps the horizon it started with)",
+  )
   g.add_argument("--clip-norm", type=float, default=1.0, help="0 disables (default: 1.0)")
   g = p.add_argument_group("run")
   g.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
@@ -135,173 +170,139 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--num-processes", type=int, default=None, help="with --coordinator-address")
   g.add_argument("--process-id", type=int, default=None, help="with --coordinator-address")
   g.add_argument(
+    "--distributed-timeout",
+    type=int,
+    default=300,
+    help="with --distributed: seconds to wait for every process to connect (default: 300)",
+  )
+  g.add_argument(
     "--output-dir",
     default=None,
-    help="write metrics.jsonl, summary.json and the fine-tuned model "
-    "(Hugging Face safetensors) here",
+    help="write metrics.jsonl, summary.json, run_config.json and the fine-tuned model "
+    "(Hugging Face safetensors and tokenizer) here; must be empty or new unless --resume or "
+    "--overwrite",
   )
-  g.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints go here")
+  g.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="orbax checkpoints and run_config.json go here; must be empty or new unless --resume "
+    "or --overwrite",
+  )
   g.add_argument(
     "--checkpoint-every",
     type=int,
     default=0,
     help="checkpoint every N steps (default: only at the end and on Ctrl-C)",
   )
-  g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+  g.add_argument(
+    "--keep-checkpoints", type=int, default=2, help="checkpoint steps kept (default: 2)"
+  )
+  g.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run in --checkpoint-dir from its newest readable step (its settings "
+    "must match, except --steps, which may grow)",
+  )
+  g.add_argument(
+    "--allow-config-change",
+    action="store_true",
+    help="with --resume: continue although settings that change the optimization differ",
+  )
+  g.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace another run's results in --output-dir and its checkpoints in "
+    "--checkpoint-dir (other files there are kept)",
+  )
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 
 
-def load_model_and_tokenizer(path: str | None, dtype: str, remat: bool, scan_layers: bool = False):
-  """(config, model, TextTokenizer) from a GGUF file, a HF directory, or the embedded default."""
-  from mofo_jax.finetune import checkpoints_hf, gguf_loader, tokenizer
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+  """The run the parsed flags describe."""
+  from mofo_jax.finetune import run_config as rc
+  from mofo_jax.finetune.optimizers import OptimizerConfig
 
-  if path is None or str(path).endswith(".gguf"):
-    return gguf_loader.load_gguf(path, dtype=dtype, remat=remat, scan_layers=scan_layers)
-  directory = Path(path)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"--model {path}: neither a .gguf file nor a checkpoint directory.")
-  config, model = checkpoints_hf.load_hf_checkpoint(
-    directory, dtype=dtype, remat=remat, scan_layers=scan_layers
-  )
-  tok_file = directory / "tokenizer.json"
-  if not tok_file.is_file():
-    raise FileNotFoundError(f"--model {path}: no tokenizer.json in the checkpoint directory.")
-  return config, model, tokenizer.load_tokenizer(tok_file)
-
-
-def main(argv: list[str] | None = None) -> int:
-  """Runs the CLI; returns the exit status."""
-  args = build_parser().parse_args(argv)
-  import jax
-
-  if args.distributed:
-    # CPU hosts need an implementation of cross-process collectives; accelerators ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
+  dtype = args.dtype or "float32"
+  try:
+    optimizer = OptimizerConfig(
+      name=args.optimizer,
+      learning_rate=args.lr,
+      fraction=args.fraction,
+      weight_decay=args.weight_decay,
+      warmup_steps=args.warmup_steps,
+      total_steps=args.steps if args.decay_steps is None else args.decay_steps,
+      clip_norm=args.clip_norm,
+      seed=args.seed,
+    )
+  except ValueError as e:
+    flag = "--decay-steps" if "total_steps" in str(e) else "--lr"
+    raise rc.UserError(f"{flag}: {e}") from None
+  return rc.RunConfig(
+    model=rc.ModelSettings(
+      path=args.model,
+      param_dtype=args.param_dtype or dtype,
+      compute_dtype=args.compute_dtype or dtype,
+      remat=args.remat,
+      scan_layers=args.scan_layers,
+    ),
+    data=rc.DataSettings(
+      source=args.data,
+      difficulty=args.difficulty,
+      train_examples=args.train_examples,
+      seq_len=args.seq_len,
+      batch_size=args.batch_size,
+      grad_accum=args.grad_accum,
+      truncate=args.truncate,
+      seed=args.seed,
+    ),
+    optimizer=optimizer,
+    steps=args.steps,
+    mesh=args.mesh,
+    eval=rc.EvalSettings(
+      eval_examples=args.eval_examples,
+      old_text_batches=args.old_text_batches,
+      eval_every=args.eval_every,
+    ),
+    output=rc.OutputSettings(
+      output_dir=args.output_dir,
+      checkpoint_dir=args.checkpoint_dir,
+      checkpoint_every=args.checkpoint_every,
+      keep_checkpoints=args.keep_checkpoints,
+      resume=args.resume,
+      overwrite=args.overwrite,
+      allow_config_change=args.allow_config_change,
+      progress=not args.no_progress,
+    ),
+    distributed=rc.DistributedSettings(
+      enabled=args.distributed,
       coordinator_address=args.coordinator_address,
       num_processes=args.num_processes,
       process_id=args.process_id,
-    )
-  from mofo_jax.finetune import data as data_lib
-  from mofo_jax.finetune import evaluation, optimizers, train
-
-  for name in ("steps", "batch_size", "seq_len", "train_examples", "eval_examples"):
-    if getattr(args, name) < 1:
-      raise SystemExit(f"--{name.replace('_', '-')} must be at least 1.")
-  started = time.perf_counter()
-  config, model, tok = load_model_and_tokenizer(
-    args.model, args.dtype, args.remat, args.scan_layers
-  )
-  hf_tok = tok.tokenizer
-  if args.data == "arithmetic":
-    train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
-      hf_tok,
-      tok.eos_token_id,
-      config.vocab_size,
-      difficulty=args.difficulty,
-      num_train=args.train_examples,
-      num_eval=args.eval_examples,
-      seq_len=args.seq_len,
-      eval_batch_size=args.batch_size,
-      seed=args.seed,
-    )
-  else:
-    records = data_lib.load_jsonl(args.data)
-    examples = [
-      data_lib.tokenize_example(hf_tok, r.prompt, r.response, eos_id=tok.eos_token_id)
-      for r in records
-    ]
-    held = max(1, min(args.eval_examples, len(examples) // 10))
-    if len(examples) - held < 1:
-      raise SystemExit(
-        f"--data {args.data}: {len(examples)} example(s) is too few to hold out an evaluation set."
-      )
-    train_examples, eval_examples = examples[:-held], examples[-held:]
-    task_batches = evaluation.one_per_row(eval_examples, args.seq_len, args.batch_size)
-    stop_ids = evaluation.number_stop_ids(hf_tok, config.vocab_size)
-  old_text = evaluation.old_capability_batches(
-    hf_tok,
-    args.seq_len,
-    args.old_text_batches,
-    args.batch_size,
-    warn=lambda m: print(m, file=sys.stderr),
-  )
-  evaluator = evaluation.Evaluator(task_batches, stop_ids, old_text)
-
-  opt_cfg = optimizers.OptimizerConfig(
-    name=args.optimizer,
-    learning_rate=args.lr,
-    fraction=args.fraction,
-    weight_decay=args.weight_decay,
-    warmup_steps=args.warmup_steps,
-    total_steps=args.steps,
-    clip_norm=args.clip_norm,
-    seed=args.seed,
-  )
-  trainer = train.make_trainer(model, opt_cfg, args.mesh, args.grad_accum)
-  batches = data_lib.batch_iterator(
-    train_examples,
-    args.batch_size,
-    args.seq_len,
-    seed=args.seed,
-    num_epochs=None,
-    pad_id=tok.pad_token_id or 0,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+      timeout_s=args.distributed_timeout,
+    ),
   )
 
-  out = Path(args.output_dir) if args.output_dir else None
-  lead = jax.process_index() == 0  # the process that writes files and prints
-  if out and lead:
-    out.mkdir(parents=True, exist_ok=True)
-  loop = train.LoopConfig(
-    steps=args.steps,
-    eval_every=args.eval_every,
-    checkpoint_every=args.checkpoint_every,
-    checkpoint_dir=args.checkpoint_dir,
-    metrics_path=str(out / "metrics.jsonl") if out and lead else None,
-    progress=not args.no_progress and lead,
-  )
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI; returns the exit status (2: a user error, printed as one line)."""
+  from mofo_jax.finetune import runner
+  from mofo_jax.finetune.run_config import UserError
+  from mofo_jax.finetune.train import TrainingDiverged
+
+  args = build_parser().parse_args(argv)
   try:
-    records = train.run(
-      trainer,
-      batches,
-      loop,
-      evaluator,
-      resume=args.resume,
-      tensorboard_dir=str(out / "tb") if out and lead else None,
-    )
+    runner.run(config_from_args(args))
+  except UserError as e:
+    print(f"mofo-finetune: error: {e}", file=sys.stderr)
+    return 2
+  except TrainingDiverged as e:
+    print(f"mofo-finetune: error: training diverged: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     return 130
-  wall = time.perf_counter() - started
-  first, last = records[0], records[-1]
-  summary = {"settings": vars(args), "wall_time_s": wall, "before": first, "after": last}
-  if lead:
-    print(format_summary(first, last, wall))
-  if out:
-    from jax.experimental import multihost_utils
-
-    from mofo_jax.finetune import checkpoints_hf
-
-    # Every process joins the gather (params may be sharded across hosts); one writes.
-    params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
-    if lead:
-      (out / "summary.json").write_text(json.dumps(summary, indent=2))
-      checkpoints_hf.save_hf_checkpoint(trainer.model(params), config, out / "model")
-      hf_tok.save(str(out / "model" / "tokenizer.json"))
   return 0
-
-
-def format_summary(before: dict, after: dict, wall: float) -> str:
-  """A before/after table of the evaluation metrics."""
-  keys = [k for k in after if k not in ("kind", "step")]
-  lines = [f"{'metric':<24}{'before':>12}{'after':>12}"]
-  for k in keys:
-    lines.append(f"{k:<24}{before.get(k, float('nan')):>12.4f}{after[k]:>12.4f}")
-  lines.append(f"steps {after['step']}, wall time {wall:.1f} s")
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":

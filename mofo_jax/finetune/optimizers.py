@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -124,8 +125,9 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise ValueError(f"optimizer {self.name!r} is not one of {OPTIMIZERS}.")
-    if self.learning_rate <= 0:
-      raise ValueError(f"learning_rate={self.learning_rate} must be positive.")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      # A NaN rate would train to the end on NaN losses and save a NaN model.
+      raise ValueError(f"learning_rate={self.learning_rate} must be positive and finite.")
     if self.total_steps < 1:
       raise ValueError(f"total_steps={self.total_steps} must be at least 1.")
 

@@ -33,12 +33,14 @@ class TextTokenizer:
     eos_token_id: end-of-sequence id, or None if unknown.
     pad_token_id: padding id, or None if unknown.
     bos_token_id: beginning-of-sequence id, or None if unknown.
+    chat_template: the model's Jinja chat template, or None.
   """
 
   tokenizer: tokenizers.Tokenizer
   eos_token_id: int | None = None
   pad_token_id: int | None = None
   bos_token_id: int | None = None
+  chat_template: str | None = None
 
   @property
   def vocab_size(self) -> int:
@@ -151,6 +153,7 @@ def text_tokenizer_from_gguf(reader_or_path) -> TextTokenizer:
     eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
     pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+    chat_template=_field(reader, "tokenizer.chat_template"),
   )
 
 
@@ -165,8 +168,9 @@ def _special_id(tok: tokenizers.Tokenizer, cfg: dict, key: str) -> int | None:
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
   """Loads a tokenizer from a ``.gguf`` file, a ``tokenizer.json``, or a directory holding one.
 
-  For ``tokenizer.json`` the special ids come from a ``tokenizer_config.json`` beside it
-  (``eos_token``, ``pad_token``, ``bos_token``), when there is one.
+  For ``tokenizer.json`` the special ids and the chat template come from a
+  ``tokenizer_config.json`` beside it (``eos_token``, ``pad_token``, ``bos_token``,
+  ``chat_template``), when there is one.
 
   Args:
     path: the file or directory.
@@ -192,4 +196,37 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     eos_token_id=_special_id(tok, cfg, "eos_token"),
     pad_token_id=_special_id(tok, cfg, "pad_token"),
     bos_token_id=_special_id(tok, cfg, "bos_token"),
+    chat_template=cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None,
   )
+
+
+def save_tokenizer(tok: TextTokenizer, directory: str | os.PathLike) -> None:
+  """Writes ``tokenizer.json`` and a ``tokenizer_config.json`` that :func:`load_tokenizer` and
+  ``transformers.AutoTokenizer`` read back to the same tokens, special ids and chat template.
+
+  Args:
+    tok: the tokenizer.
+    directory: an existing directory (a saved model's).
+
+  Example:
+    >>> import tempfile, tokenizers
+    >>> raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({"hi": 0, "</s>": 1}, "hi"))
+    >>> d = tempfile.mkdtemp()
+    >>> save_tokenizer(TextTokenizer(raw, eos_token_id=1, chat_template="{{ x }}"), d)
+    >>> back = load_tokenizer(d)
+    >>> back.eos_token_id, back.chat_template
+    (1, '{{ x }}')
+  """
+  directory = Path(directory)
+  tok.tokenizer.save(str(directory / "tokenizer.json"))
+  cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+  for key, token_id in (
+    ("bos_token", tok.bos_token_id),
+    ("eos_token", tok.eos_token_id),
+    ("pad_token", tok.pad_token_id),
+  ):
+    if token_id is not None:
+      cfg[key] = tok.tokenizer.id_to_token(int(token_id))
+  if tok.chat_template is not None:
+    cfg["chat_template"] = tok.chat_template
+  (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

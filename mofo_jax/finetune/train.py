@@ -1,14 +1,12 @@
-"""Fine-tuning a Flax NNX causal LM: loss, one jitted sharded step, evaluation, checkpoints."""
+"""Fine-tuning a Flax NNX causal LM: the loss, one jitted sharded step, and the training loop."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
-from mofo_jax.finetune import optimizers
+from mofo_jax.finetune import checkpointing, optimizers
 
 Batch = Mapping[str, np.ndarray]
 BATCH_AXES = ("data", "fsdp")
@@ -135,8 +133,11 @@ class Trainer:
       donate_argnums=(0, 1),
       out_shardings=(self.param_shardings, self.opt_shardings, None),
     )
-    self._eval = jax.jit(self._eval_step)
+    self._evals: dict[Callable, Callable] = {}
     self._distance = jax.jit(self._distance_fn)
+    self._finite = jax.jit(
+      lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]))
+    )
 
   def model(self, params: Any = None) -> nnx.Module:
     """The model with the current (or the given) params."""
@@ -172,69 +173,38 @@ class Trainer:
       {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)},
     )
 
-  def _eval_step(self, params, batch, stop_ids):
-    losses, pred = token_losses(nnx.merge(self.graphdef, params, self.rest), batch)
-    mask = batch["loss_mask"].astype(bool)
-    t = mask.shape[1]
-    # The last masked target of a row is its end token; the ones before it are the answer.
-    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-    has = mask.any(axis=1)
-    is_last = (jnp.arange(t)[None, :] == last[:, None]) & has[:, None]
-    answer = mask & ~is_last
-    digits_ok = jnp.all(jnp.where(answer, pred == batch["targets"], True), axis=1)
-    stops = stop_ids[jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]]
-    f32 = jnp.float32
-    return {
-      "loss_sum": jnp.sum(losses * mask),
-      "count": jnp.sum(mask, dtype=f32),
-      "answer_loss_sum": jnp.sum(losses * answer),
-      "answer_count": jnp.sum(answer, dtype=f32),
-      "correct": jnp.sum(has & digits_ok & stops, dtype=f32),
-      "rows": jnp.sum(has, dtype=f32),
-    }
+  def evaluate(
+    self, metric: Callable[..., Mapping[str, jax.Array]], batches: Iterable[Batch], *args
+  ):
+    """Sums a metric over batches with the current params.
 
-  def _evaluate(self, batches: Iterable[Batch], stop_ids: np.ndarray | None) -> dict[str, float]:
-    stop = jnp.ones((1,), bool) if stop_ids is None else jnp.asarray(stop_ids)
+    Args:
+      metric: ``(model, batch, *args) -> {name: array}`` of per-batch sums (traced under jit,
+        compiled once per metric function).
+      batches: host batches.
+      *args: further array arguments of ``metric``, the same for every batch.
+
+    Returns:
+      ``{name: float}``: each metric summed over the batches.
+    """
+    if metric not in self._evals:
+      self._evals[metric] = jax.jit(
+        lambda params, batch, *a: metric(nnx.merge(self.graphdef, params, self.rest), batch, *a)
+      )
+    fn = self._evals[metric]
     totals: dict[str, float] = {}
     for b in batches:
-      out = self._eval(self.state.params, self.shard_batch(b), stop)
+      out = fn(self.state.params, self.shard_batch(b), *args)
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return totals
-
-  def eval_loss(self, batches: Iterable[Batch]) -> float:
-    """Mean masked next-token loss over ``batches`` (weighted by token count)."""
-    t = self._evaluate(batches, None)
-    return t.get("loss_sum", 0.0) / max(t.get("count", 0.0), 1.0)
-
-  def answer_accuracy(self, batches: Iterable[Batch], stop_ids: np.ndarray) -> tuple[float, float]:
-    """Greedy exact match of answers by teacher forcing, and their mean token loss.
-
-    Each row holds one problem whose masked targets are the answer tokens and then an end
-    token. Greedy decoding writes the answer exactly iff the argmax at every answer position
-    is the answer token and the argmax after the answer ends the number (``stop_ids``), which
-    one forward pass decides.
-
-    Args:
-      batches: rows of one problem each (``loss_mask`` on the answer and its end token).
-      stop_ids: bool [vocab]: True for tokens that end a number (not a digit).
-
-    Returns:
-      ``(accuracy, mean loss over the answer tokens)``.
-    """
-    t = self._evaluate(batches, stop_ids)
-    return (
-      t.get("correct", 0.0) / max(t.get("rows", 0.0), 1.0),
-      t.get("answer_loss_sum", 0.0) / max(t.get("answer_count", 0.0), 1.0),
-    )
 
   @staticmethod
   def _distance_fn(params, reference):
     diff = jax.tree.map(
       lambda p, r: p.astype(jnp.float32) - r.astype(jnp.float32), params, reference
     )
-    changed = sum(jnp.sum(d != 0) for d in jax.tree.leaves(diff))
-    return optax.tree.norm(diff), changed
+    return optax.tree.norm(diff), [count_nonzero_exact(d) for d in jax.tree.leaves(diff)]
 
   def shard_batch(self, batch: Batch) -> dict[str, jax.Array]:
     """Places a host batch (this process's rows) on the mesh, split over data and fsdp."""
@@ -259,56 +229,63 @@ class Trainer:
     return {k: float(v) for k, v in metrics.items()}
 
   def distance_from_pretrained(self) -> dict[str, float]:
-    """L2 distance from the pretrained params and the fraction of entries ever changed."""
-    l2, changed = self._distance(self.state.params, self.reference)
-    total = sum(x.size for x in jax.tree.leaves(self.reference))
-    return {"l2_from_pretrained": float(l2), "fraction_changed": int(changed) / total}
+    """L2 distance from the pretrained params and the fraction of entries ever changed.
 
-  # Checkpoints -------------------------------------------------------------------------------
+    The count of changed entries is exact for any model size (summed on the host from int32
+    partial counts, see :func:`count_nonzero_exact`), with or without ``jax_enable_x64``.
+    """
+    l2, partial = self._distance(self.state.params, self.reference)
+    changed = sum(int(np.asarray(c, np.int64).sum()) for c in partial)
+    total = sum(int(x.size) for x in jax.tree.leaves(self.reference))
+    return {"l2_from_pretrained": float(l2), "fraction_changed": changed / total}
 
-  def checkpoint_manager(self, directory: str | os.PathLike, keep: int = 2):
-    """An orbax CheckpointManager for this run (writes are atomic: temp dir, then rename)."""
-    import orbax.checkpoint as ocp
+  def params_finite(self) -> bool:
+    """Whether every parameter is finite (no NaN or Inf)."""
+    return bool(self._finite(self.state.params))
 
-    return ocp.CheckpointManager(
-      Path(directory).absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-    )
-
-  def save(self, manager) -> None:
-    """Saves params, optimizer state and the pretrained reference at the current step."""
-    import orbax.checkpoint as ocp
-
-    manager.save(
-      self.state.step,
-      args=ocp.args.StandardSave(
-        {
-          "params": self.state.params,
-          "opt_state": self.state.opt_state,
-          "reference": self.reference,
-        }
-      ),
-      force=True,
-    )
-    manager.wait_until_finished()
-
-  def restore(self, manager, step: int | None = None) -> int:
-    """Restores the latest (or the given) checkpoint onto this run's shardings; returns its step."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    target = {
+  def checkpoint_state(self) -> dict[str, Any]:
+    """What a checkpoint holds: params, optimizer state and the pretrained reference."""
+    return {
       "params": self.state.params,
       "opt_state": self.state.opt_state,
       "reference": self.reference,
     }
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    self.state = TrainState(step, restored["params"], restored["opt_state"])
-    self.reference = restored["reference"]
-    return step
+
+  def load_checkpoint_state(self, step: int, tree: Mapping[str, Any]) -> None:
+    """Continues from a restored :meth:`checkpoint_state` taken at ``step``."""
+    self.state = TrainState(step, tree["params"], tree["opt_state"])
+    self.reference = tree["reference"]
+
+
+def count_nonzero_exact(x: jax.Array, limit: int = 2**31 - 1) -> jax.Array:
+  """Partial int32 counts of the nonzero entries of ``x``, each exact; their sum is the count.
+
+  An int32 count of more than ``2**31 - 1`` entries would wrap, and int64 needs
+  ``jax_enable_x64``. So only the trailing axes whose sizes multiply to at most ``limit`` are
+  reduced; the leading axes stay, and the caller sums the (few) partial counts on the host in
+  Python integers. Exact for any size as long as one entry of the last axis fits (the last axis
+  has at most ``limit`` entries).
+
+  Args:
+    x: any array.
+    limit: the largest count one int32 partial may hold.
+
+  Returns:
+    int32 array of shape ``x.shape[:k]`` for the smallest ``k`` whose trailing block fits.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> count_nonzero_exact(jnp.array([[0.0, 1.0], [2.0, 3.0]]), limit=2)
+    Array([1, 2], dtype=int32)
+  """
+  k = 0
+  while math.prod(x.shape[k:]) > limit:
+    k += 1
+  return jnp.sum(x != 0, axis=tuple(range(k, x.ndim)), dtype=jnp.int32)
+
+
+class TrainingDiverged(Exception):
+  """The loss, the gradient or the params became NaN or Inf; the run stopped without saving."""
 
 
 @dataclasses.dataclass
@@ -325,6 +302,7 @@ class LoopConfig:
     progress: show a progress bar.
     eval_at_start: evaluate before the first step (skip it when comparing many runs from the
       same weights, whose starting point is measured once).
+    keep_checkpoints: checkpoint steps kept.
   """
 
   steps: int
@@ -335,6 +313,17 @@ class LoopConfig:
   log_every: int = 1
   progress: bool = True
   eval_at_start: bool = True
+  keep_checkpoints: int = 2
+
+
+def _kept_metrics(path: str, step: int) -> list[dict[str, Any]]:
+  """The records of a metrics file up to ``step`` (a resumed run redoes the ones after it)."""
+  try:
+    with open(path) as f:
+      lines = [json.loads(x) for x in f if x.strip()]
+  except FileNotFoundError:
+    return []
+  return [r for r in lines if r.get("step", 0) <= step]
 
 
 def run(
@@ -345,34 +334,61 @@ def run(
   *,
   resume: bool = False,
   tensorboard_dir: str | None = None,
+  warn: Callable[[str], None] = print,
 ) -> list[dict[str, float]]:
   """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C saves.
 
-  With ``resume`` the latest checkpoint in ``cfg.checkpoint_dir`` is restored and the batches
-  already consumed are skipped, so the run continues exactly where it stopped.
+  With ``resume`` the newest readable checkpoint in ``cfg.checkpoint_dir`` is restored (an
+  unreadable newer step is moved aside with a warning), the batches already consumed are
+  skipped, and the metrics file is cut back to that step, so the run continues exactly where it
+  stopped and no step is logged twice. The first evaluation (the pretrained baseline) is kept
+  beside the checkpoints and returned again after a resume.
+
+  A NaN or Inf loss, gradient norm or parameter stops the run with ``TrainingDiverged`` and
+  saves nothing: the last checkpoint on disk is the last good state.
 
   Args:
     trainer: the trainer (its state is advanced in place).
     batches: training batches, deterministic from the start of the run.
     cfg: loop settings.
     evaluate: ``trainer -> metrics`` called at each evaluation.
-    resume: continue from the latest checkpoint.
+    resume: continue from the latest checkpoint (from step 0 when there is none yet).
     tensorboard_dir: also write scalars there (needs ``tensorboardX``).
+    warn: receives warnings (an unreadable checkpoint step that was skipped).
 
   Returns:
-    The evaluation records (each a dict with ``step`` and the metrics).
+    The evaluation records (each a dict with ``kind``, ``step`` and the metrics), the
+    baseline first.
+
+  Raises:
+    TrainingDiverged: a non-finite loss, gradient norm or parameter.
+    KeyboardInterrupt: on Ctrl-C, after saving the last finished step.
   """
-  manager = trainer.checkpoint_manager(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+  ckpt = (
+    checkpointing.RunCheckpoints(cfg.checkpoint_dir, cfg.keep_checkpoints)
+    if cfg.checkpoint_dir
+    else None
+  )
+  if resume and ckpt is None:
+    raise ValueError("resume needs a checkpoint directory.")
+  records: list[dict[str, Any]] = []
+  kept: list[dict[str, Any]] = []
+  if resume and ckpt.latest_step() is not None:
+    step, tree = ckpt.restore_latest(trainer.checkpoint_state(), warn)
+    trainer.load_checkpoint_state(step, tree)
+    for _ in range(step):
+      next(batches)
   if resume:
-    if manager is None:
-      raise ValueError("resume needs a checkpoint directory.")
-    if manager.latest_step() is not None:
-      trainer.restore(manager)
-      for _ in range(trainer.state.step):
-        next(batches)
+    kept = _kept_metrics(cfg.metrics_path, trainer.state.step) if cfg.metrics_path else []
+    records = [r for r in kept if r.get("kind") == "eval"]
+    baseline = ckpt.read_json(checkpointing.BASELINE)
+    if baseline is not None and not (records and records[0]["step"] == 0):
+      records.insert(0, baseline)
   writer = _tensorboard(tensorboard_dir)
-  metrics_file = open(cfg.metrics_path, "a") if cfg.metrics_path else None
-  records: list[dict[str, float]] = []
+  metrics_file = open(cfg.metrics_path, "w") if cfg.metrics_path else None  # noqa: SIM115
+  if metrics_file:
+    metrics_file.writelines(json.dumps(r) + "\n" for r in kept)
+    metrics_file.flush()
 
   def log(record: dict[str, Any]) -> None:
     if metrics_file:
@@ -387,11 +403,20 @@ def run(
     record = {"kind": "eval", "step": trainer.state.step, **evaluate(trainer)}
     records.append(record)
     log(record)
+    if ckpt is not None and record["step"] == 0:
+      ckpt.write_json(checkpointing.BASELINE, record)
+
+  def save() -> None:
+    if not trainer.params_finite():
+      raise TrainingDiverged(
+        f"step {trainer.state.step}: a parameter is NaN or Inf; stopped without saving"
+      )
+    ckpt.save(trainer.state.step, trainer.checkpoint_state())
 
   bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
-  interrupted = False
+  interrupted = diverged = False
   try:
-    if cfg.eval_at_start and trainer.state.step == 0:
+    if cfg.eval_at_start and trainer.state.step == 0 and not records:
       do_eval()
     while trainer.state.step < cfg.steps:
       start = time.perf_counter()
@@ -405,32 +430,50 @@ def run(
       metrics = trainer.train_step(batch)
       metrics["step_time_s"] = time.perf_counter() - start
       step = trainer.state.step
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        log({"kind": "train", "step": step, **metrics})
+        raise TrainingDiverged(
+          f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+          "stopped without saving"
+        )
       if step % cfg.log_every == 0:
         log({"kind": "train", "step": step, **metrics})
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
         do_eval()
-      if manager and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-        trainer.save(manager)
-    do_eval()
+      if ckpt and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        save()
+    if not (records and records[-1]["step"] == trainer.state.step):
+      do_eval()
   except KeyboardInterrupt:
     interrupted = True
+  except TrainingDiverged:
+    diverged = True
+    raise
   finally:
     bar.close()
-    if manager is not None:
-      # On Ctrl-C too: everything up to the last finished step is kept.
-      if manager.latest_step() != trainer.state.step:
-        trainer.save(manager)
-      manager.close()
+    if ckpt is not None:
+      # On Ctrl-C too: everything up to the last finished step is kept; never a diverged state.
+      try:
+        if not diverged and ckpt.latest_step() != trainer.state.step:
+          save()
+      finally:
+        last = ckpt.latest_step()
+        ckpt.close()
     if metrics_file:
       metrics_file.close()
     if writer is not None:
       writer.close()
+    if diverged and ckpt is not None:
+      warn(
+        "the last good checkpoint is "
+        + (f"step {last} in {cfg.checkpoint_dir}" if last is not None else "none (none was saved)")
+      )
   if interrupted:
     raise KeyboardInterrupt(
       f"stopped at step {trainer.state.step}; checkpoint saved"
-      if manager
+      if ckpt
       else f"stopped at step {trainer.state.step}"
     )
   return records

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mofo_jax.finetune import data as data_lib
-from mofo_jax.finetune import evaluation, optimizers, train
+from mofo_jax.finetune import checkpointing, evaluation, optimizers, train
 from mofo_jax.finetune import model as model_lib
 
 VOCAB = 64
@@ -186,8 +186,7 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path):
       train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path), progress=False),
       evaluator(),
     )
-  manager = trainer.checkpoint_manager(tmp_path)
-  assert manager.latest_step() == 2
+  assert checkpointing.RunCheckpoints(tmp_path).latest_step() == 2
 
 
 def test_metrics_jsonl_has_train_and_eval_lines(tmp_path):
@@ -209,14 +208,14 @@ def test_metrics_jsonl_has_train_and_eval_lines(tmp_path):
 def test_answer_accuracy_scores_greedy_exact_match():
   trainer = make()
   (b,) = evaluation.one_per_row(examples(4, seed=3), 16, 4)
-  acc, loss = trainer.answer_accuracy([b], np.ones(VOCAB, bool))
+  acc, loss = evaluation.answer_accuracy(trainer, [b], np.ones(VOCAB, bool))
   assert acc == 0.0 and loss > 0  # an untrained model does not count
   # Targets set to the model's own greedy predictions: every row is then an exact match...
   _, pred = train.token_losses(trainer.model(), b)
   greedy = {**b, "targets": np.where(b["loss_mask"] > 0, np.asarray(pred), b["targets"])}
-  assert trainer.answer_accuracy([greedy], np.ones(VOCAB, bool))[0] == 1.0
+  assert evaluation.answer_accuracy(trainer, [greedy], np.ones(VOCAB, bool))[0] == 1.0
   # ...unless the token predicted after the answer would continue the number.
-  assert trainer.answer_accuracy([greedy], np.zeros(VOCAB, bool))[0] == 0.0
+  assert evaluation.answer_accuracy(trainer, [greedy], np.zeros(VOCAB, bool))[0] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -237,7 +236,7 @@ def test_batch_not_divisible_by_the_mesh_is_a_clear_error():
   trainer = make(mesh="data=4")
   rows = evaluation.one_per_row(examples(6), 16, 6)
   with pytest.raises(ValueError, match="multiple of 4"):
-    trainer.eval_loss(rows)
+    evaluation.eval_loss(trainer, rows)
 
 
 def test_data_running_out_is_a_clear_error():

@@ -1,0 +1,147 @@
+"""Orbax checkpoints of a fine-tuning run: atomic saves, and restores that survive a bad step."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+# Files of a run kept beside its orbax steps.
+RUN_CONFIG = "run_config.json"
+BASELINE = "baseline.json"
+
+
+class NoIntactCheckpoint(Exception):
+  """Every step in a checkpoint directory failed to restore."""
+
+
+class RunCheckpoints:
+  """The orbax checkpoints of one run, and the small JSON files kept beside them.
+
+  Each save is atomic (orbax writes a temporary directory, then renames it), so a run killed
+  during a save leaves the previous step intact. A restore tries the newest step first and falls
+  back to older ones when a step is unreadable (truncated, bit-flipped or partly deleted); the
+  unreadable step is renamed ``<step>.corrupt`` so that later saves of that step number succeed
+  and nothing is deleted.
+
+  Args:
+    directory: where the steps go (created if missing).
+    keep: how many steps orbax keeps (older ones are deleted as new ones are saved).
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> ckpt = RunCheckpoints(tempfile.mkdtemp())
+    >>> ckpt.save(3, {"w": jnp.ones(2)})
+    >>> ckpt.restore_latest({"w": jnp.zeros(2)})[0]
+    3
+    >>> ckpt.close()
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    self.directory = Path(directory).absolute()
+    self._keep = keep
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    )
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Every saved step, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, tree: Any) -> None:
+    """Saves a pytree of arrays as ``step`` and waits until it is on disk."""
+    import orbax.checkpoint as ocp
+
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, target: Any, warn: Callable[[str], None] = print) -> tuple[int, Any]:
+    """Restores the newest readable step onto the shardings and dtypes of ``target``.
+
+    Args:
+      target: a pytree of arrays (or ``jax.ShapeDtypeStruct`` with shardings) like the saved one.
+      warn: receives one line per unreadable step that was skipped.
+
+    Returns:
+      ``(step, tree)``.
+
+    Raises:
+      FileNotFoundError: the directory holds no step.
+      NoIntactCheckpoint: no step could be read.
+    """
+    import orbax.checkpoint as ocp
+
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    failures = []
+    for step in reversed(steps):
+      # A fresh checkpointer per attempt: a failed restore leaves a manager in a bad state.
+      try:
+        with ocp.StandardCheckpointer() as checkpointer:
+          tree = checkpointer.restore(self.directory / str(step) / "default", abstract)
+      except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        failures.append((step, reason))
+        continue
+      # Only once an older step restores is a newer one known to be damaged (rather than all of
+      # them mismatching this run): move those aside, deleting nothing.
+      for bad, reason in failures:
+        aside = self.directory / f"{bad}.corrupt"
+        os.rename(self.directory / str(bad), aside)
+        warn(
+          f"warning: checkpoint step {bad} in {self.directory} is unreadable ({reason}); "
+          f"moved it to {aside.name} and resumed from step {step}"
+        )
+      if failures:
+        self._reopen()
+      return step, tree
+    raise NoIntactCheckpoint(
+      f"no readable checkpoint in {self.directory}: "
+      + "; ".join(f"step {s}: {r}" for s, r in failures)
+    )
+
+  def _reopen(self) -> None:
+    # The manager caches the step list: re-read it after steps were moved aside.
+    import orbax.checkpoint as ocp
+
+    self._manager.close()
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True)
+    )
+
+  def write_json(self, name: str, obj: Any) -> None:
+    """Writes a small JSON file beside the steps (atomically: temp file, then rename)."""
+    write_json_atomic(self.directory / name, obj)
+
+  def read_json(self, name: str) -> Any | None:
+    """Reads a JSON file written by :meth:`write_json`, or None if there is none."""
+    path = self.directory / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+  def close(self) -> None:
+    """Waits for pending writes and releases the manager."""
+    self._manager.close()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n")
+  os.replace(tmp, path)
+
+
+def is_step_dir(name: str) -> bool:
+  """Whether a directory entry is (or was) an orbax step of a run."""
+  return name.split(".")[0].isdigit()
