@@ -1,0 +1,59 @@
+"""Runs mofo-finetune and SIGKILLs it at a chosen point (used by tests/finetune/test_cli_faults.py).
+
+Usage: python fault_worker.py MODE N -- CLI ARGS
+  MODE none: run to the end; step: die right after step N; save: die while saving step N, its
+  files written but not yet committed; save-start: die as soon as step N's save is started.
+"""
+
+import os
+import signal
+import sys
+
+
+def _die() -> None:
+  sys.stdout.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> int:
+  mode, n = sys.argv[1], int(sys.argv[2])
+  assert sys.argv[3] == "--"
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.path import atomicity
+
+  from mofo_jax.finetune import checkpointing, cli, train
+
+  if mode == "step":
+    step = train.Trainer.train_step
+
+    def train_step(self, batch):
+      out = step(self, batch)
+      if self.state.step == n:
+        _die()
+      return out
+
+    train.Trainer.train_step = train_step
+  elif mode == "save-start":
+    save = checkpointing.RunCheckpoints.save
+
+    def checkpoint_save(self, step, tree):
+      if step != n:
+        return save(self, step, tree)
+      self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+      _die()
+
+    checkpointing.RunCheckpoints.save = checkpoint_save
+  elif mode == "save":
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def atomic_finalize(self, *args, **kwargs):
+      if os.path.basename(str(self.get_final())) == str(n):
+        _die()
+      return await finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = atomic_finalize
+  return cli.main(sys.argv[4:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,104 @@
+"""Fault injection: mofo-finetune SIGKILLed during steps and during saves resumes to the same run.
+
+Each run is a fresh process (tests/finetune/fault_worker.py) sharing a JAX compilation cache, so
+only the first one compiles. The interrupted chain must end bit for bit where one uninterrupted
+run ends, with the same metrics lines, none repeated, and the pretrained baseline kept.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+
+
+def _args(model, steps=6):
+  return [
+    "--model",
+    str(model),
+    "--train-examples",
+    "64",
+    "--eval-examples",
+    "8",
+    "--old-text-batches",
+    "0",
+    "--difficulty",
+    "1",
+    "--seq-len",
+    "128",
+    "--no-progress",
+    "--mesh",
+    "data=1",
+    "--steps",
+    str(steps),
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "2",
+    "--lr",
+    "1e-2",
+  ]
+
+
+def _run(mode, n, args, cache):
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+  }
+  return subprocess.run(
+    [sys.executable, str(WORKER), mode, str(n), "--", *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def _metrics(out):
+  lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k != "step_time_s"} for r in lines]
+
+
+def test_killed_runs_resume_to_the_uninterrupted_run(tiny_checkpoint, tmp_path):
+  cache = tmp_path / "jax_cache"
+  ref = _run("none", 0, _args(tiny_checkpoint) + ["--output-dir", str(tmp_path / "ref")], cache)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  run = _args(tiny_checkpoint) + [
+    "--output-dir",
+    str(tmp_path / "out"),
+    "--checkpoint-dir",
+    str(tmp_path / "ckpt"),
+  ]
+  # Killed: after step 3 (checkpoint 2 on disk); while committing step 4's save; right after
+  # step 4's save started; after step 5 (checkpoint 4 on disk). Each one resumes the last.
+  for i, (mode, n) in enumerate([("step", 3), ("save", 4), ("save-start", 4), ("step", 5)]):
+    proc = _run(mode, n, run + (["--resume"] if i else []), cache)
+    assert proc.returncode == -9, (mode, n, proc.stderr[-2000:])
+    steps = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert steps, (mode, n)
+  done = _run("none", 0, run + ["--resume"], cache)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+  want = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+  got = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  metrics = _metrics(tmp_path / "out")
+  assert metrics == _metrics(tmp_path / "ref")
+  assert [(r["kind"], r["step"]) for r in metrics if r["kind"] == "eval"] == [
+    ("eval", 0),
+    ("eval", 3),
+    ("eval", 6),
+  ]
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6
+  assert summary["before"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["before"]
