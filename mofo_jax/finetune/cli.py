@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,19 @@ exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is k
 """
 
 
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose usage errors are one line (the usage block is in --help)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command-line interface."""
   from mofo_jax.finetune.optimizers import OPTIMIZERS
   from mofo_jax.finetune.run_config import DTYPES
 
-  p = argparse.ArgumentParser(
+  p = _Parser(
     prog="mofo-finetune",
     description=DESCRIPTION,
     epilog=EXAMPLES,
@@ -224,20 +232,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
   from mofo_jax.finetune.optimizers import OptimizerConfig
 
   dtype = args.dtype or "float32"
-  try:
-    optimizer = OptimizerConfig(
-      name=args.optimizer,
-      learning_rate=args.lr,
-      fraction=args.fraction,
-      weight_decay=args.weight_decay,
-      warmup_steps=args.warmup_steps,
-      total_steps=args.steps if args.decay_steps is None else args.decay_steps,
-      clip_norm=args.clip_norm,
-      seed=args.seed,
-    )
-  except ValueError as e:
-    flag = "--decay-steps" if "total_steps" in str(e) else "--lr"
-    raise rc.UserError(f"{flag}: {e}") from None
+  # The flags OptimizerConfig would reject, named as the user wrote them.
+  for flag, value in (("--steps", args.steps), ("--decay-steps", args.decay_steps)):
+    if value is not None and value < 1:
+      raise rc.UserError(f"{flag} must be at least 1 (got {value}).")
+  if not (math.isfinite(args.lr) and args.lr > 0):
+    raise rc.UserError(f"--lr must be a positive finite number (got {args.lr}).")
+  optimizer = OptimizerConfig(
+    name=args.optimizer,
+    learning_rate=args.lr,
+    fraction=args.fraction,
+    weight_decay=args.weight_decay,
+    warmup_steps=args.warmup_steps,
+    total_steps=args.steps if args.decay_steps is None else args.decay_steps,
+    clip_norm=args.clip_norm,
+    seed=args.seed,
+  )
   return rc.RunConfig(
     model=rc.ModelSettings(
       path=args.model,

@@ -59,6 +59,8 @@ def load_model(settings) -> tuple[Any, Any, Any]:
   Raises:
     UserError: naming ``--model`` and the file, for anything the loaders reject.
   """
+  from safetensors import SafetensorError
+
   from mofo_jax.finetune import checkpoints_hf, gguf_loader, tokenizer
 
   path = settings.path
@@ -78,7 +80,7 @@ def load_model(settings) -> tuple[Any, Any, Any]:
       raise UserError(f"--model {path}: no tokenizer.json in the checkpoint directory.")
     config, model = checkpoints_hf.load_hf_checkpoint(directory, **kwargs)
     return config, model, tokenizer.load_tokenizer(directory)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, SafetensorError) as e:
     raise UserError(f"--model {path or 'SmolLM2 (default)'}: {_one_line(e)}") from None
 
 
@@ -368,10 +370,6 @@ def run(
   started = time.perf_counter()
   cfg = check_outputs(_resolved(cfg))
   lead = jax.process_index() == 0  # the process that writes files and prints
-  if prepared is None:
-    prepared = prepare(cfg, warn)
-  elif prepared.key != _prepared_key(cfg):
-    raise ValueError("prepared was built from other model, data or evaluation settings.")
   d = cfg.data
   try:
     mesh = train.make_mesh(cfg.mesh)
@@ -384,6 +382,10 @@ def run(
       f"--batch-size {d.batch_size} / --grad-accum {d.grad_accum} = {micro} rows per "
       f"micro-batch cannot be split over the {shards} data x fsdp shards of --mesh {cfg.mesh}."
     )
+  if prepared is None:
+    prepared = prepare(cfg, warn)
+  elif prepared.key != _prepared_key(cfg):
+    raise ValueError("prepared was built from other model, data or evaluation settings.")
   trainer = train.make_trainer(prepared.model, cfg.optimizer, cfg.mesh, d.grad_accum)
   try:
     batches = data_lib.batch_iterator(

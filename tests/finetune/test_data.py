@@ -103,6 +103,15 @@ def test_load_jsonl_errors_name_file_and_line(tmp_path, bad_line, message):
   assert message in str(info.value)
 
 
+def test_load_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  good = json.dumps({"prompt": "p", "response": "r"}, ensure_ascii=False)
+  bad = '{"prompt": "caf\u00e9", "response": "r"}'.encode("latin-1")
+  path.write_bytes(good.encode() + b"\n" + good.encode() + b"\n" + bad + b"\n")
+  with pytest.raises(ValueError, match=rf"{path}:3: not UTF-8 \(byte 0xe9 at column 16\)"):
+    load_jsonl(path)
+
+
 def test_load_jsonl_empty_file_is_an_error(tmp_path):
   path = write_lines(tmp_path / "empty.jsonl", [""])
   with pytest.raises(ValueError, match="no records"):

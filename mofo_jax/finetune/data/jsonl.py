@@ -34,15 +34,21 @@ def load_jsonl(
 
   Raises:
     ValueError: naming the file and the 1-based line number of the first
-      malformed line (bad JSON, not an object, a missing field, or a field
-      that is not a string), or if the file holds no records at all.
+      malformed line (not UTF-8, bad JSON, not an object, a missing field, or
+      a field that is not a string), or if the file holds no records at all.
   """
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{os.fspath(path)}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(
+          f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+        ) from None
       if not line.strip():
         continue
-      where = f"{os.fspath(path)}:{lineno}"
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
