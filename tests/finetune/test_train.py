@@ -275,3 +275,113 @@ def test_half_fine_tuning_refuses_stacked_layers():
     optimizers.make_optimizer(
       optimizers.OptimizerConfig(name="hft"), {"w": np.ones((2, 2))}, stacked_layers=True
     )
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  """Defect 8: a diverging run stops at the first non-finite step and saves nothing after it."""
+  import json
+
+  cfg = optimizers.OptimizerConfig(name="adamw", learning_rate=1e30, total_steps=6, clip_norm=0)
+  trainer = train.make_trainer(tiny_model(), cfg, "data=1")
+  metrics = tmp_path / "m.jsonl"
+  warnings = []
+  loop = train.LoopConfig(
+    steps=6,
+    checkpoint_dir=str(tmp_path / "ckpt"),
+    checkpoint_every=1,
+    metrics_path=str(metrics),
+    progress=False,
+    eval_at_start=False,
+  )
+  with pytest.raises(train.TrainingDiverged, match="stopped without saving"):
+    train.run(trainer, batches(), loop, evaluator(), warn=warnings.append)
+  ckpt = checkpointing.RunCheckpoints(tmp_path / "ckpt")
+  last = ckpt.latest_step()
+  assert last is not None and last < trainer.state.step
+  step, tree = ckpt.restore_latest(trainer.checkpoint_state())
+  assert all(np.isfinite(x).all() for x in leaves(tree["params"]))
+  assert any(f"last good checkpoint is step {last}" in w for w in warnings)
+  lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+  assert not np.isfinite(lines[-1]["loss"]) or not np.isfinite(lines[-1]["grad_norm"])
+
+
+def test_nan_learning_rate_is_refused():
+  for lr in (float("nan"), float("inf"), 0.0):
+    with pytest.raises(ValueError, match="positive and finite"):
+      optimizers.OptimizerConfig(learning_rate=lr)
+
+
+def _corrupt(step_dir, kind):
+  import shutil
+
+  data = step_dir / "default"
+  if kind == "metadata":
+    (data / "_METADATA").unlink()
+  elif kind == "default":
+    shutil.rmtree(data)
+  else:
+    for f in (data / "d").iterdir():
+      raw = bytearray(f.read_bytes())
+      if kind == "truncated":
+        raw = raw[: len(raw) // 3]
+      else:
+        raw[len(raw) // 2 :] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :])
+      f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", ["metadata", "default", "truncated", "bit-flipped"])
+def test_an_unreadable_latest_step_falls_back_to_the_newest_intact_one(tmp_path, kind):
+  """Defect 6: a damaged newest step is moved aside with a warning naming it."""
+  import jax.numpy as jnp
+
+  ckpt = checkpointing.RunCheckpoints(tmp_path, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, {"w": jnp.full((64, 64), float(step))})
+  ckpt.close()
+  _corrupt(tmp_path / "3", kind)
+  warnings = []
+  ckpt = checkpointing.RunCheckpoints(tmp_path, keep=3)
+  step, tree = ckpt.restore_latest({"w": jnp.zeros((64, 64))}, warn=warnings.append)
+  # Whatever restores holds its own step's values; only a step that cannot be read is skipped
+  # (orbax reads this step's arrays without its _METADATA file).
+  assert (tree["w"] == step).all()
+  if kind == "metadata" and step == 3:
+    return
+  assert step == 2
+  assert len(warnings) == 1 and "step 3" in warnings[0] and "3.corrupt" in warnings[0]
+  ckpt.save(3, {"w": jnp.full((64, 64), 3.0)})  # the step number is free again
+  assert ckpt.all_steps()[-1] == 3 and (tmp_path / "3.corrupt").is_dir()
+  ckpt.close()
+
+
+def test_no_step_is_moved_when_none_restores(tmp_path):
+  import jax.numpy as jnp
+
+  ckpt = checkpointing.RunCheckpoints(tmp_path)
+  ckpt.save(1, {"w": jnp.ones(3)})
+  with pytest.raises(checkpointing.NoIntactCheckpoint, match="step 1"):
+    ckpt.restore_latest({"v": jnp.ones(3)})  # another run's structure: nothing is corrupt
+  assert ckpt.all_steps() == [1] and not (tmp_path / "1.corrupt").exists()
+  ckpt.close()
+
+
+def test_changed_entry_counts_are_exact_past_int32():
+  import jax.numpy as jnp
+
+  x = jnp.asarray(np.arange(24).reshape(2, 3, 4) % 5 != 0)
+  for limit in (1, 4, 11, 12, 24, 2**31 - 1):
+    partial = train.count_nonzero_exact(x, limit=limit)
+    assert partial.dtype == jnp.int32 and int(np.asarray(partial).sum()) == int(x.sum())
+    assert int(np.asarray(partial).max()) <= limit
+  # At the real limit, a stacked leaf past 2**31 entries keeps one partial per layer (no 8 GB
+  # array needed: the shapes decide the reduction).
+  big = jax.ShapeDtypeStruct((80, 8192, 28672), jnp.float32)
+  out = jax.eval_shape(train.count_nonzero_exact, big)
+  assert out.shape == (80,) and out.dtype == jnp.int32
+  assert (
+    jax.eval_shape(train.count_nonzero_exact, jax.ShapeDtypeStruct((8192, 4096), bool)).shape == ()
+  )
+  # Host side: int32 partials each near 2**31 sum in Python integers, past 2**32.
+  partials = [np.full((3,), 2**31 - 1, np.int32)]
+  total = sum(int(np.asarray(c, np.int64).sum()) for c in partials)
+  assert total == 3 * (2**31 - 1)
