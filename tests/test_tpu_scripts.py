@@ -92,7 +92,7 @@ def test_create_options_and_environment_defaults():
 
 def test_install_from_local_checkout():
   tar, scp, ssh = dry_run("install.sh", *TARGET, env={"TMPDIR": "/scratch"})
-  archive = "/scratch/mofo_jax_src-pod1.tar.gz"
+  archive = "/scratch/mofo_jax_src.XXXXXX"  # mktemp's template: a fresh file in TMPDIR
   assert tar[:3] == ["git", "-C", str(SCRIPTS.parent)] and tar[-3:] == ["-o", archive, "HEAD"]
   assert scp == TPU + [
     "scp",
@@ -153,7 +153,8 @@ def test_launch_detached_in_workdir(tmp_path):
   )
   remote = remote_command(ssh)
   assert (
-    "cd runs;" in remote and "nohup mofo-finetune --distributed --steps 3 > train.log" in remote
+    "cd runs || exit 1;" in remote
+    and "nohup mofo-finetune --distributed --steps 3 > train.log" in remote
   )
   stub = tmp_path / ".local" / "bin" / "mofo-finetune"
   stub.parent.mkdir(parents=True)
@@ -190,6 +191,29 @@ def test_fetch_from_worker_and_from_bucket():
   assert gs == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/ckpt", "out"]
 
 
+def test_names_at_the_limits_of_the_rule():
+  for name in ("a", "p" * 63, "v4-pod-2"):
+    [argv] = dry_run("delete.sh", "--name", name, "--zone", "us-central2-b")
+    assert argv[5] == name
+
+
+def test_launch_stops_when_the_workdir_is_missing(tmp_path):
+  [ssh] = dry_run("launch.sh", *TARGET, "--workdir", "typo", "--", "--steps", "3")
+  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text('#!/bin/sh\necho ran\n')
+  stub.chmod(0o755)
+  proc = subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    cwd=tmp_path,
+    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    capture_output=True,
+    text=True,
+    timeout=10,
+  )
+  assert proc.returncode != 0 and "ran" not in proc.stdout and "typo" in proc.stderr
+
+
 def test_delete():
   assert dry_run("delete.sh", *TARGET) == [TPU + ["delete", "pod1", "--zone=us-central2-b"]]
   assert dry_run("delete.sh", *TARGET, "--yes")[0][-1] == "--quiet"
@@ -205,6 +229,24 @@ def test_delete():
     ("launch.sh", [*TARGET, "--steps", "3"], "unknown option --steps"),
     ("install.sh", [*TARGET, "stray"], "unexpected argument 'stray'"),
     ("create.sh", [*TARGET, "--accelerator-type", "tpu9"], "pass --version"),
+    # Words after -- are an error wherever no program receives them.
+    (
+      "delete.sh",
+      [*TARGET, "--yes", "--", "--dry-run"],
+      "unexpected arguments after --: --dry-run",
+    ),
+    ("create.sh", [*TARGET, "--", "--spot"], "unexpected arguments after --"),
+    ("fetch.sh", [*TARGET, "--", "x"], "unexpected arguments after --"),
+    ("install.sh", [*TARGET, "--", "x"], "unexpected arguments after --"),
+    # An option is never taken as another option's value.
+    ("delete.sh", ["--name", "--dry-run", "--zone", "us-central2-b"], "--name needs a value"),
+    ("launch.sh", [*TARGET, "--workdir", "--detach"], "--workdir needs a value"),
+    # Names follow Cloud TPU's rule, so none can steer a path either.
+    ("install.sh", ["--name", "x/../../evil", "--zone", "us-central2-b"], "not a Cloud TPU name"),
+    ("create.sh", ["--name", "Pod1", "--zone", "us-central2-b"], "not a Cloud TPU name"),
+    ("create.sh", ["--name", "pod-", "--zone", "us-central2-b"], "not a Cloud TPU name"),
+    ("create.sh", ["--name", "p" * 64, "--zone", "us-central2-b"], "not a Cloud TPU name"),
+    ("create.sh", ["--name", "pod1", "--zone", "us central"], "is not a zone"),
   ],
 )
 def test_errors(script, args, message):
@@ -249,19 +291,77 @@ def test_real_run_matches_dry_run(tmp_path, script, args):
   bin_dir.mkdir()
   log = tmp_path / "gcloud.log"
   gcloud = bin_dir / "gcloud"
+  # Logs its argv; keeps a copy of the file an scp uploads (install.sh removes its archive).
   gcloud.write_text(
-    '#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$GCLOUD_LOG"\necho >> "$GCLOUD_LOG"\n'
+    '#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> "$GCLOUD_LOG"\n'
+    'echo >> "$GCLOUD_LOG"\n'
+    '[ "$4" = scp ] && [ -f "$5" ] && cp "$5" "$GCLOUD_LOG.upload"\nexit 0\n'
   )
   gcloud.chmod(0o755)
-  env = {"GCLOUD_LOG": str(log), "TMPDIR": str(tmp_path)}
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  env = {"GCLOUD_LOG": str(log), "TMPDIR": str(tmp)}
   path = f"{bin_dir}:{os.environ['PATH']}"
   expected = [a for a in dry_run(script, *TARGET, *args, env=env) if a[0] == "gcloud"]
   run_script(script, *TARGET, *args, env=env, path=path)
   ran = [["gcloud", *line.split("\x1f")[:-1]] for line in log.read_text().splitlines()]
-  assert ran == expected
   if script == "install.sh":
-    with tarfile.open(tmp_path / "mofo_jax_src-pod1.tar.gz") as tar:
+    # The archive is a fresh mktemp file in TMPDIR: only its name differs from the dry run.
+    archive = ran[0][5]
+    assert Path(archive).parent == tmp and Path(archive).name.startswith("mofo_jax_src.")
+    ran[0][5] = expected[0][5]
+    with tarfile.open(f"{log}.upload") as tar:
       assert "mofo_jax_src/pyproject.toml" in tar.getnames()
+    assert list(tmp.iterdir()) == []  # nothing left behind
+  assert ran == expected
+
+
+GCLOUD = shutil.which("gcloud")
+AUTH = "You do not currently have an active account selected"
+
+
+@pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed")
+def test_every_command_passes_the_real_gcloud_argument_parser(tmp_path):
+  """Each command the scripts run gets past gcloud's parsing and stops at authentication."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.log"
+  # Runs the real gcloud, keeps its output, and reports success so every later command of a
+  # script runs too.
+  (bin_dir / "gcloud").write_text(
+    f'#!/bin/sh\n{shlex.quote(GCLOUD)} "$@" >> "$GCLOUD_LOG" 2>&1\n'
+    'echo "== exit $? for: $*" >> "$GCLOUD_LOG"\nexit 0\n'
+  )
+  (bin_dir / "gcloud").chmod(0o755)
+  config = tmp_path / "gcloud_config"
+  config.mkdir()
+  env = {
+    "GCLOUD_LOG": str(log),
+    "TMPDIR": str(tmp_path),
+    "CLOUDSDK_CONFIG": str(config),  # no credentials, whatever this machine has
+    "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+  }
+  path = f"{bin_dir}:{os.environ['PATH']}"
+  target = [*TARGET, "--project", "my-project"]
+  runs = [
+    ("create.sh", ["--spot", "--accelerator-type", "v5litepod-16"]),
+    ("delete.sh", ["--yes"]),
+    ("fetch.sh", ["--remote-dir", "runs/ckpt", "--local-dir", str(tmp_path / "out")]),
+    ("fetch.sh", ["--remote-dir", "gs://bucket/ckpt", "--local-dir", str(tmp_path / "out")]),
+    ("launch.sh", ["--workdir", "runs", "--detach", "--", "--steps", "3"]),
+  ]
+  if subprocess.run(["git", "-C", str(SCRIPTS.parent), "rev-parse", "HEAD"]).returncode == 0:
+    runs.append(("install.sh", []))
+  commands = 0
+  for script, args in runs:
+    run_script(script, *target, *args, env=env, path=path)
+    commands += len([a for a in dry_run(script, *target, *args) if a[0] == "gcloud"])
+  text = log.read_text()
+  outcomes = [line for line in text.splitlines() if line.startswith("== exit ")]
+  assert len(outcomes) == commands, text
+  assert text.count(AUTH) == commands, text
+  for bad in ("unrecognized arguments", "argument ", "Invalid value", "invalid choice"):
+    assert bad not in text, text
 
 
 def test_shellcheck_clean():

@@ -9,6 +9,9 @@ TPU_PROJECT="${TPU_PROJECT:-}"
 DRY_RUN=0
 HELP=0
 PASSTHROUGH=()
+# Scripts that hand words after "--" to a program (launch.sh) set this to 1 before parse_args;
+# elsewhere such words are an error rather than silently dropped.
+ACCEPTS_PASSTHROUGH=0
 
 # "option=VARIABLE" words; each script appends its own before parse_args.
 OPTIONS="name=TPU_NAME zone=TPU_ZONE project=TPU_PROJECT"
@@ -31,14 +34,18 @@ lookup() {
   return 1
 }
 
-# Parses --option VALUE, --option=VALUE, --flag, and everything after "--"
-# into PASSTHROUGH. Prints USAGE (set by the script) for -h/--help.
+# Parses --option VALUE, --option=VALUE, --flag, and (where the script accepts
+# them) everything after "--" into PASSTHROUGH. Prints USAGE (set by the script)
+# for -h/--help. A value that looks like an option (--name --dry-run) is an error.
 parse_args() {
   local key var
   while [ $# -gt 0 ]; do
     case "$1" in
       --)
         shift
+        if [ "$ACCEPTS_PASSTHROUGH" != 1 ] && [ $# -gt 0 ]; then
+          die "unexpected arguments after --: $(quote_words "$@")"
+        fi
         # shellcheck disable=SC2034  # read by the scripts that source this file
         PASSTHROUGH=("$@")
         break
@@ -58,6 +65,9 @@ parse_args() {
           shift
         elif var="$(lookup "$key" "$OPTIONS")"; then
           [ $# -ge 2 ] || die "--$key needs a value"
+          case "$2" in
+            -*) die "--$key needs a value (got the option '$2'; write --$key=VALUE for a value starting with -)" ;;
+          esac
           printf -v "$var" '%s' "$2"
           shift 2
         else
@@ -80,10 +90,18 @@ COMMON_USAGE="  --name NAME       TPU VM name (default: \$TPU_NAME)
   --dry-run         print the commands instead of running them
   -h, --help        show this help"
 
-# Fails unless --name and --zone are known; then sets GCLOUD_FLAGS.
+# Cloud TPU names: a lowercase letter, then up to 62 lowercase letters, digits or
+# hyphens, not ending with a hyphen. Zones look like us-central2-b.
+NAME_RULE='^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$'
+ZONE_RULE='^[a-z]+-[a-z]+[0-9]+-[a-z]$'
+
+# Fails unless --name and --zone are known and well-formed; then sets GCLOUD_FLAGS.
 require_tpu() {
   [ -n "$TPU_NAME" ] || die "missing --name (or set TPU_NAME)"
   [ -n "$TPU_ZONE" ] || die "missing --zone (or set TPU_ZONE)"
+  [[ "$TPU_NAME" =~ $NAME_RULE ]] ||
+    die "--name '$TPU_NAME' is not a Cloud TPU name: a lowercase letter, then up to 62 lowercase letters, digits or hyphens, not ending with a hyphen"
+  [[ "$TPU_ZONE" =~ $ZONE_RULE ]] || die "--zone '$TPU_ZONE' is not a zone (e.g. us-central2-b)"
   GCLOUD_FLAGS=("--zone=$TPU_ZONE")
   if [ -n "$TPU_PROJECT" ]; then
     GCLOUD_FLAGS+=("--project=$TPU_PROJECT")

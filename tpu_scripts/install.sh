@@ -24,7 +24,13 @@ pip="python3 -m pip install --user --upgrade"
 remote="set -e; $pip pip; $pip $(quote "$JAX_SPEC")"
 if [ -z "$PACKAGE" ]; then
   repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  archive="${TMPDIR:-/tmp}/mofo_jax_src-$TPU_NAME.tar.gz"
+  # A fresh file in TMPDIR (the name cannot steer it elsewhere), removed on exit.
+  if [ "$DRY_RUN" = 1 ]; then
+    archive="${TMPDIR:-/tmp}/mofo_jax_src.XXXXXX"
+  else
+    archive="$(mktemp "${TMPDIR:-/tmp}/mofo_jax_src.XXXXXX")"
+    trap 'rm -f "$archive"' EXIT
+  fi
   # git archive ships exactly the committed tree: no local build outputs.
   run git -C "$repo" archive --format=tar.gz --prefix=mofo_jax_src/ -o "$archive" HEAD
   run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:mofo_jax_src.tar.gz" \

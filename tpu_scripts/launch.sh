@@ -20,6 +20,7 @@ LOG_FILE="mofo-finetune.log"
 DETACH=0
 OPTIONS="$OPTIONS workdir=WORKDIR log=LOG_FILE"
 FLAGS="$FLAGS detach=DETACH"
+ACCEPTS_PASSTHROUGH=1
 parse_args "$@"
 require_tpu
 require_gcloud
@@ -32,7 +33,8 @@ remote="export PATH=\"\$HOME/.local/bin:\$PATH\""
 # here) means the same.
 WORKDIR="${WORKDIR#\~/}"
 if [ -n "$WORKDIR" ]; then
-  remote="$remote; cd $(quote "$WORKDIR")"
+  # A failed cd stops the worker here instead of running the program in the home directory.
+  remote="$remote; cd $(quote "$WORKDIR") || exit 1"
 fi
 if [ "$DETACH" = 1 ]; then
   remote="$remote; nohup $program > $(quote "$LOG_FILE") 2>&1 < /dev/null &"
