@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mofo_jax.finetune import checkpoints_hf, cli, runner, tokenizer
-from mofo_jax.finetune.run_config import RunConfig, UserError
+from mofo_jax.finetune.run_config import RunConfig
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 TINY = [
