@@ -154,7 +154,7 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr) -> Prepared:
     tok,
     train_examples,
     evaluation.Evaluator(task_batches, stop_ids, old_text),
-    _prepared_key(cfg),
+    _prepared_key(_resolved(cfg)),
   )
 
 
@@ -300,11 +300,11 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
           f"(no {checkpointing.RUN_CONFIG}); choose another directory."
         )
       if (
-        saved.optimizer.total_steps == saved.steps
-        and cfg.optimizer.total_steps == cfg.steps
-        and cfg.steps != saved.steps
+        cfg.optimizer.total_steps == cfg.steps
+        and cfg.optimizer.total_steps != saved.optimizer.total_steps
       ):
-        # Extending (or shortening) --steps keeps the learning-rate schedule already followed.
+        # A horizon that merely follows --steps: changing --steps keeps the learning-rate
+        # schedule the run has followed so far (an explicit --decay-steps is compared below).
         cfg = dataclasses.replace(
           cfg,
           optimizer=dataclasses.replace(cfg.optimizer, total_steps=saved.optimizer.total_steps),

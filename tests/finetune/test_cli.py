@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mofo_jax.finetune import checkpoints_hf, cli, runner, tokenizer
-from mofo_jax.finetune.run_config import RunConfig
+from mofo_jax.finetune.run_config import RunConfig, UserError
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 TINY = [
@@ -234,6 +234,16 @@ def test_resume_refuses_settings_that_change_the_optimization(trained, model_dir
   longer = cli.config_from_args(cli.build_parser().parse_args(base + ["--steps", "10"]))
   kept = runner.check_outputs(runner._resolved(longer))
   assert kept.steps == 10 and kept.optimizer.total_steps == 4
+  # Once extended, later resumes with the same --steps keep that schedule too.
+  saved = json.loads((ckpt / "run_config.json").read_text())
+  saved["steps"] = 10
+  (ckpt / "run_config.json").write_text(json.dumps(saved))
+  again = runner.check_outputs(runner._resolved(longer))
+  assert again.steps == 10 and again.optimizer.total_steps == 4
+  # An explicit, different horizon is an optimization change.
+  other = cli.config_from_args(cli.build_parser().parse_args(base + ["--decay-steps", "8"]))
+  with pytest.raises(UserError, match="optimizer.total_steps: 4 -> 8"):
+    runner.check_outputs(runner._resolved(other))
 
 
 def test_resume_needs_an_existing_checkpoint_dir(model_dir, tmp_path, capsys):
