@@ -400,3 +400,20 @@ def test_distributed_without_peers_gives_up_in_bounded_time(tmp_path):
   assert len(errors) == 1 and "--distributed-timeout" in errors[0] and f":{port}" in errors[0]
   assert "Traceback" not in proc.stderr
   assert time.perf_counter() - started < 60
+
+
+@pytest.mark.parametrize(
+  "flags, param, compute",
+  [
+    ([], "float32", "float32"),
+    (["--dtype", "bfloat16"], "bfloat16", "bfloat16"),
+    (["--param-dtype", "float32", "--compute-dtype", "bfloat16"], "float32", "bfloat16"),
+    (["--dtype", "bfloat16", "--param-dtype", "float32"], "float32", "bfloat16"),
+  ],
+)
+def test_parameter_and_compute_dtypes_reach_the_model(flags, param, compute, model_dir):
+  cfg = cli.config_from_args(cli.build_parser().parse_args(["--model", str(model_dir), *flags]))
+  assert (cfg.model.param_dtype, cfg.model.compute_dtype) == (param, compute)
+  config, model, _ = runner.load_model(cfg.model)
+  assert (config.param_dtype.name, config.dtype.name) == (param, compute)
+  assert model.model.embed_tokens.embedding[...].dtype.name == param
