@@ -145,6 +145,10 @@ def test_saved_model_reloads_to_the_same_tokens(trained, model_dir):
     assert getattr(after, field) == getattr(before, field), field
   text = "Question: Ann has 3 cards.<|endoftext|> 0123"
   assert after.encode(text) == before.encode(text)
+  transformers = pytest.importorskip("transformers")
+  hf = transformers.AutoTokenizer.from_pretrained(str(trained[0] / "model"))
+  assert hf.eos_token_id == before.eos_token_id and hf.chat_template == TEMPLATE
+  assert hf(text, add_special_tokens=False)["input_ids"] == before.encode(text)
 
 
 def test_a_model_without_eos_is_warned_about(tiny_checkpoint, tmp_path):
