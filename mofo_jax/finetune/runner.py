@@ -264,6 +264,17 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
 
   Raises:
     UserError: naming the flag, the directory and what to pass instead.
+
+  Example:
+    >>> import tempfile
+    >>> from mofo_jax.finetune.run_config import OutputSettings
+    >>> mine = Path(tempfile.mkdtemp())
+    >>> _ = (mine / "notes.txt").write_text("keep")
+    >>> try:
+    ...   check_outputs(RunConfig(output=OutputSettings(output_dir=str(mine))))
+    ... except UserError as e:
+    ...   print(str(e).split(": ")[0].endswith("already holds files"))
+    True
   """
   out = cfg.output
   dirs = {"--output-dir": out.output_dir, "--checkpoint-dir": out.checkpoint_dir}
