@@ -421,8 +421,8 @@ def model_from_hf_tensors(
     >>> tuple(model.model.embed_tokens.embedding[...].sharding.spec)
     ('tensor', 'fsdp')
   """
-  source = tensors if isinstance(tensors, (_SafetensorsSource, _HostSource)) else None
-  source = source or _HostSource(tensors)
+  is_source = isinstance(tensors, (_SafetensorsSource, _HostSource))
+  source = tensors if is_source else _HostSource(tensors)
   abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
