@@ -272,6 +272,25 @@ def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
   ).read_bytes()
 
 
+def test_custom_rules_can_shard_the_stacked_layer_axis(ckpt, tmp_path):
+  # layers over fsdp: each device reads only its own layers; saving takes layers across devices
+  rules = (("layers", "fsdp"), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"))
+  rules += (("kv_heads", "tensor"), ("embed", None), ("norm", None))
+  mesh = _mesh((2, 2, 2))
+  config, model = load_hf_checkpoint(ckpt, scan_layers=True, mesh=mesh, rules=rules)
+  _, ref = load_hf_checkpoint(ckpt, scan_layers=True)
+  ref_params = _params(ref)
+  for name, arr in _params(model).items():
+    if "layers" in name:
+      assert arr.sharding.spec[0] == "fsdp", name
+      assert all(s.data.shape[0] == 1 for s in arr.addressable_shards), name
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(ref_params[name]), err_msg=name)
+  save_hf_checkpoint(model, config, tmp_path / "saved")
+  assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (
+    ckpt / "model.safetensors"
+  ).read_bytes()
+
+
 def test_saving_a_model_with_host_parameters(ckpt, tmp_path):
   # the multi-process CLI saves a model rebuilt from a gathered (numpy) parameter tree
   config, model = load_hf_checkpoint(ckpt, scan_layers=True)
