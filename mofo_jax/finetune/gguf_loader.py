@@ -1,7 +1,8 @@
 """Llama-architecture GGUF files (llama.cpp) -> ``LlamaForCausalLM`` + tokenizer.
 
 Tensors are dequantized to float32 with ``gguf.quants.dequantize``, renamed to the Hugging
-Face names and fed through ``checkpoints_hf.model_from_hf_tensors``. llama.cpp's converter
+Face names and fed through ``checkpoints_hf.model_from_hf_tensors``: one parameter at a time
+on the host, then (with a mesh) only each device's slice goes to that device. llama.cpp's converter
 reorders the rows of each Q/K head so that RoPE rotates adjacent pairs; that is undone here
 so the weights match the Hugging Face "rotate_half" layout the model uses.
 """
@@ -16,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jax
 import numpy as np
 
-from mofo_jax.finetune.checkpoints_hf import model_from_hf_tensors
-from mofo_jax.finetune.model import LlamaConfig, LlamaForCausalLM
+from mofo_jax.finetune.checkpoints_hf import _HostSource, model_from_hf_tensors
+from mofo_jax.finetune.model import LOGICAL_AXIS_RULES, LlamaConfig, LlamaForCausalLM
 from mofo_jax.finetune.tokenizer import TextTokenizer, text_tokenizer_from_gguf
 
 _TOP_LEVEL = {
@@ -93,11 +95,14 @@ class _GGUFTensors(collections.abc.Mapping):
       "k_proj": config.num_key_value_heads,
     }
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    # numpy order of a GGUF tensor is reversed ggml order: [out, in], as in torch.
+    return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
   def __getitem__(self, name: str) -> np.ndarray:
     t = self._tensors[name]
     arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    # numpy order of a GGUF tensor is reversed ggml order: [out, in], as in torch.
-    arr = arr.reshape([int(d) for d in reversed(t.shape)])
+    arr = arr.reshape(self.shape(name))
     proj = name.split(".")[-2]
     if proj in self._heads:
       arr = _unpermute_rope_rows(arr, self._heads[proj])
@@ -182,14 +187,22 @@ def load_gguf(
   path: str | os.PathLike | None = None,
   dtype: Any = "float32",
   param_dtype: Any = None,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  rules=LOGICAL_AXIS_RULES,
   **overrides: Any,
 ) -> tuple[LlamaConfig, LlamaForCausalLM, TextTokenizer]:
   """Loads a llama-architecture GGUF file: config, dequantized model and tokenizer.
+
+  Each parameter is dequantized whole on the host (GGUF files here are small models); with a
+  mesh, each device then receives only its own slice.
 
   Args:
     path: the ``.gguf`` file; default ``default_model_path()`` (SmolLM2-135M-Instruct).
     dtype: compute dtype (``"float32"`` or ``"bfloat16"``).
     param_dtype: parameter dtype; defaults to ``dtype``.
+    mesh: target mesh (see ``checkpoints_hf.load_hf_checkpoint``); None: the default device.
+    rules: (logical name, mesh axis or None) pairs; default ``LOGICAL_AXIS_RULES``.
     **overrides: further ``LlamaConfig`` fields (e.g. ``scan_layers=True``).
 
   Returns:
@@ -197,17 +210,28 @@ def load_gguf(
 
   Raises:
     FileNotFoundError: no file at ``path``.
-    ValueError: unsupported architecture, or tensors that do not match the metadata.
+    ValueError: a truncated or corrupt file, an unsupported architecture, tensors that do
+      not match the metadata, or a mesh that does not divide the model; the message names
+      the file.
   """
   path = Path(default_model_path() if path is None else path)
   if not path.is_file():
     raise FileNotFoundError(f"no GGUF file at {path}")
-  reader = gguf.GGUFReader(path)
-  config = config_from_gguf(
-    reader,
-    dtype=dtype,
-    param_dtype=dtype if param_dtype is None else param_dtype,
-    **overrides,
-  )
-  model = model_from_hf_tensors(config, _GGUFTensors(reader, config))
+  try:
+    # GGUFReader maps the file and views every tensor at once, so truncation shows here.
+    reader = gguf.GGUFReader(path)
+  except (ValueError, IndexError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} is truncated or not a GGUF file: {e}") from e
+  try:
+    config = config_from_gguf(
+      reader,
+      dtype=dtype,
+      param_dtype=dtype if param_dtype is None else param_dtype,
+      **overrides,
+    )
+    tensors = _GGUFTensors(reader, config)
+    source = _HostSource(tensors, shape=tensors.shape)
+    model = model_from_hf_tensors(config, source, mesh=mesh, rules=rules)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
   return config, model, text_tokenizer_from_gguf(reader)

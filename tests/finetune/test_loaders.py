@@ -5,6 +5,7 @@ import importlib.util
 import json
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,8 +79,9 @@ def test_logits_match_transformers(variant, tmp_path):
     ref = hf_model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(forward(model, ids.astype(np.int32)), ref, atol=1e-4, rtol=1e-4)
 
-  # and back: transformers reads what we write
-  save_hf_checkpoint(model, config, tmp_path / "ours")
+  # and back: transformers reads what we write (in several files with an index for qwen2)
+  save_hf_checkpoint(model, config, tmp_path / "ours", max_shard_size=50_000 if shard else 10**9)
+  assert (tmp_path / "ours" / "model.safetensors.index.json").exists() == bool(shard)
   again = getattr(transformers, arch).from_pretrained(tmp_path / "ours").eval()
   with torch.no_grad():
     np.testing.assert_array_equal(again(torch.tensor(ids)).logits.numpy(), ref)
@@ -153,9 +155,28 @@ def test_sharded_index_loads(tmp_path):
   _, loaded = load_hf_checkpoint(ckpt)
   _assert_same_tensors(hf_tensors_from_model(loaded), tensors)
 
+  # the index names a tensor its file does not hold
+  moved = names[1]
+  weight_map[moved] = "model-00001-of-00002.safetensors"
+  (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(ValueError, match=f"maps {moved} to model-00001-of-00002.safetensors, which"):
+    load_hf_checkpoint(ckpt)
+
   (ckpt / "model-00002-of-00002.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
     load_hf_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("cut", ["half", "last byte", "inside header", "inside length"])
+def test_truncated_safetensors_names_the_file(saved, cut):
+  weights = saved / "model.safetensors"
+  data = weights.read_bytes()
+  keep = {"half": len(data) // 2, "last byte": len(data) - 1, "inside header": 40}
+  weights.write_bytes(data[: keep.get(cut, 4)])
+  with pytest.raises(ValueError) as e:
+    load_hf_checkpoint(saved)
+  assert str(weights) in str(e.value) and "truncated" in str(e.value)
+  assert "\n" not in str(e.value)
 
 
 @pytest.fixture
@@ -317,6 +338,33 @@ def test_gguf_matches_safetensors_path(tmp_path, tied):
   np.testing.assert_array_equal(forward(g_model, ids), forward(h_model, ids))
   assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (0, 0, 1)
   assert tok.vocab_size == config.vocab_size
+
+
+def test_gguf_loads_onto_a_mesh_slice_by_slice(tmp_path, monkeypatch):
+  config = _gguf_config(scan_layers=True)
+  _write_gguf(tmp_path / "tiny.gguf", random_model(config), config)
+  _, ref, _ = load_gguf(tmp_path / "tiny.gguf", scan_layers=True)
+  puts = []
+  real_put = jax.device_put
+  monkeypatch.setattr(jax, "device_put", lambda x, d: puts.append(x.shape) or real_put(x, d))
+  mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
+  _, model, _ = load_gguf(tmp_path / "tiny.gguf", scan_layers=True, mesh=mesh)
+  monkeypatch.undo()
+  emb = model.model.embed_tokens.embedding[...]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert emb.shape not in puts and emb.sharding.shard_shape(emb.shape) in puts
+  _assert_same_tensors(hf_tensors_from_model(model), hf_tensors_from_model(ref))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.01])
+def test_truncated_gguf_names_the_file(tmp_path, keep):
+  config = _gguf_config()
+  _write_gguf(tmp_path / "t.gguf", random_model(config), config)
+  data = (tmp_path / "t.gguf").read_bytes()
+  (tmp_path / "t.gguf").write_bytes(data[: int(len(data) * keep)])
+  with pytest.raises(ValueError) as e:
+    load_gguf(tmp_path / "t.gguf")
+  assert str(tmp_path / "t.gguf") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_gguf_rejects_other_architectures(tmp_path):

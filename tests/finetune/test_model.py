@@ -13,11 +13,15 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mofo_jax.finetune.checkpoints_hf import hf_tensors_from_model, model_from_hf_tensors
+from mofo_jax.finetune.checkpoints_hf import (
+  config_from_hf,
+  config_to_hf,
+  hf_tensors_from_model,
+  model_from_hf_tensors,
+)
 from mofo_jax.finetune.model import (
   LOGICAL_AXIS_RULES,
   Llama3RopeScaling,
-  LlamaConfig,
   count_params,
   greedy_generate,
   param_shardings,
@@ -38,7 +42,7 @@ def _hf_dict(**extra):
 
 
 def test_from_hf_dict_llama_defaults_and_overrides():
-  c = LlamaConfig.from_hf_dict(
+  c = config_from_hf(
     _hf_dict(rope_theta=5e5, tie_word_embeddings=True), dtype="bfloat16", scan_layers=True
   )
   assert c.head_dim == 16 and c.rope_theta == 5e5 and c.tie_word_embeddings
@@ -49,14 +53,14 @@ def test_from_hf_dict_llama_defaults_and_overrides():
 
 @pytest.mark.parametrize("rope_key", ["rope_scaling", "rope_parameters"])
 def test_from_hf_dict_llama3_rope_both_key_styles(rope_key):
-  c = LlamaConfig.from_hf_dict(_hf_dict(**{rope_key: dict(LLAMA3_ROPE, rope_theta=5e5)}))
+  c = config_from_hf(_hf_dict(**{rope_key: dict(LLAMA3_ROPE, rope_theta=5e5)}))
   assert c.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 16)
   assert c.rope_theta == 5e5
-  assert LlamaConfig.from_hf_dict(c.to_hf_dict()) == c
+  assert config_from_hf(config_to_hf(c)) == c
 
 
 def test_from_hf_dict_qwen2_biases():
-  c = LlamaConfig.from_hf_dict(
+  c = config_from_hf(
     {
       **_hf_dict(),
       "model_type": "qwen2",
@@ -65,8 +69,8 @@ def test_from_hf_dict_qwen2_biases():
     }
   )
   assert c.attention_bias and not c.attention_out_bias and c.model_type == "qwen2"
-  assert LlamaConfig.from_hf_dict(c.to_hf_dict()) == c
-  llama = LlamaConfig.from_hf_dict(_hf_dict(attention_bias=True))
+  assert config_from_hf(config_to_hf(c)) == c
+  llama = config_from_hf(_hf_dict(attention_bias=True))
   assert llama.attention_bias and llama.attention_out_bias
 
 
@@ -87,14 +91,14 @@ def test_from_hf_dict_qwen2_biases():
 )
 def test_from_hf_dict_rejects_unsupported(extra, needle):
   with pytest.raises(ValueError, match=needle):
-    LlamaConfig.from_hf_dict(_hf_dict(**extra))
+    config_from_hf(_hf_dict(**extra))
 
 
 def test_from_hf_dict_missing_field():
   d = _hf_dict()
   del d["intermediate_size"]
   with pytest.raises(ValueError, match="missing required field 'intermediate_size'"):
-    LlamaConfig.from_hf_dict(d)
+    config_from_hf(d)
 
 
 def test_config_validation():
