@@ -53,8 +53,12 @@ def _prepared_key(cfg: RunConfig) -> tuple:
           d.seed, e.eval_examples, e.old_text_batches)  # fmt: skip
 
 
-def load_model(settings) -> tuple[Any, Any, Any]:
+def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
   """``(config, model, TextTokenizer)`` from a GGUF file, a HF directory, or the embedded default.
+
+  With a ``mesh`` every parameter is created in its sharding on that mesh and each process reads
+  only the slices its devices hold (``checkpoints_hf.load_hf_checkpoint``); without one the model
+  is loaded onto the default device.
 
   Raises:
     UserError: naming ``--model`` and the file, for anything the loaders reject.
@@ -69,6 +73,7 @@ def load_model(settings) -> tuple[Any, Any, Any]:
     "param_dtype": settings.param_dtype,
     "remat": settings.remat,
     "scan_layers": settings.scan_layers,
+    "mesh": mesh,
   }
   try:
     if path is None or str(path).endswith(".gguf"):
@@ -89,8 +94,10 @@ def _one_line(e: BaseException) -> str:
   return text or type(e).__name__
 
 
-def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr) -> Prepared:
+def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) -> Prepared:
   """Loads the model and tokenizer, tokenizes the data and builds the evaluation.
+
+  ``mesh``: load the parameters straight into their shardings on it (see ``load_model``).
 
   Raises:
     UserError: naming the flag or file whose input cannot be used.
@@ -98,7 +105,7 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr) -> Prepared:
   from mofo_jax.finetune import data as data_lib
   from mofo_jax.finetune import evaluation
 
-  model_config, model, tok = load_model(cfg.model)
+  model_config, model, tok = load_model(cfg.model, mesh)
   if tok.eos_token_id is None:
     warn(
       f"warning: --model {cfg.model.path}: the tokenizer names no end-of-sequence token "
@@ -394,7 +401,7 @@ def run(
       f"micro-batch cannot be split over the {shards} data x fsdp shards of --mesh {cfg.mesh}."
     )
   if prepared is None:
-    prepared = prepare(cfg, warn)
+    prepared = prepare(cfg, warn, mesh)
   elif prepared.key != _prepared_key(cfg):
     raise ValueError("prepared was built from other model, data or evaluation settings.")
   trainer = train.make_trainer(prepared.model, cfg.optimizer, cfg.mesh, d.grad_accum)
@@ -451,12 +458,10 @@ def run(
   if lead:
     log(format_summary(before or {}, last, wall))
   if out is not None:
-    from jax.experimental import multihost_utils
-
-    # Every process joins the gather (params may be sharded across hosts); one writes.
-    params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
+    # Every process joins the save (params may span hosts; it copies one tensor at a time to
+    # the host and process 0 writes), so no device ever holds the whole model.
+    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, out / "model")
     if lead:
-      checkpoints_hf.save_hf_checkpoint(trainer.model(params), prepared.model_config, out / "model")
       tokenizer.save_tokenizer(prepared.tokenizer, out / "model")
       checkpointing.write_json_atomic(out / "summary.json", summary)
   return RunResult(cfg, records, summary, trainer)
