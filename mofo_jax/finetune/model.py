@@ -558,13 +558,20 @@ class LlamaModel(nnx.Module):
     if segment_ids is not None:
       mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
-    x = constrain_activation(self.embed_tokens(input_ids), "batch", None, None)
+    # Cast before the lookup, so FSDP gathers the table in the compute dtype.
+    table = self.embed_tokens.embedding[...].astype(c.dtype)
+    x = constrain_activation(jnp.take(table, input_ids, axis=0), "batch", None, None)
     step = _layer_step_remat if c.remat else _layer_step
     if c.scan_layers:
       # A plain lax.scan over the split state, rebuilding one layer per step: unlike
       # nnx.scan it also works when the model is closed over by an inner JAX transform
       # (e.g. a fori_loop inside jit), where nnx rejects Variables of an outer trace.
       graphdef, stacked = nnx.split(self.layers)
+      # Projection weights are cast to the compute dtype before the loop (the layers would
+      # cast them anyway), so each layer's FSDP gather moves compute-dtype bytes.
+      stacked = nnx.map_state(
+        lambda path, v: v.astype(c.dtype) if path[-1] in ("kernel", "bias") else v, stacked
+      )
 
       def body(x, layer_state):
         return step(nnx.merge(graphdef, layer_state), x, cos, sin, mask), None

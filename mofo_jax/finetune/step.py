@@ -6,14 +6,16 @@ not have. Two things keep a large step's memory per device bounded by its shard:
 
 - Activations are pinned batch-sharded over ``data`` and ``fsdp`` (see
   ``model.constrain_activation``); the step makes the mesh visible to the model while tracing.
-- The loss never materialises all the logits: the sequence is cut into chunks of
-  ``loss_chunk`` tokens, each chunk's float32 logits are computed, reduced to per-token losses
-  and dropped, and recomputed in the backward pass (``jax.checkpoint``). Logits of one chunk
-  are ``[B/(data*fsdp), loss_chunk, V/tensor]`` per device.
+- The loss never materialises all the logits: each device computes the loss of its own rows
+  (``jax.shard_map``), cut into chunks of ``loss_chunk`` positions whose float32 logits are
+  reduced to per-token losses, dropped, and recomputed in the backward pass
+  (``jax.checkpoint``). Logits of one chunk are ``[B/(data*fsdp), loss_chunk, V/tensor]`` per
+  device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mofo_jax.finetune import model as model_lib
 
@@ -40,6 +43,11 @@ def chunked_token_losses(
 
   .. math:: \ell_{bt} = \operatorname{logsumexp}_v (h_{bt} W)_v - (h_{bt} W)_{y_{bt}}
 
+  With a mesh in context it runs per device (``jax.shard_map``): each device takes its rows
+  of the batch and its ``tensor`` slice of the vocabulary (the log-sum-exp, the target's logit
+  and the argmax are combined over ``tensor`` with scalar-per-token collectives), and the
+  head's gradient is summed over the batch shards once, after the loop over chunks.
+
   Args:
     h: final hidden states [B,T,D] (compute dtype).
     kernel: the LM head [D,V] (compute dtype).
@@ -47,7 +55,8 @@ def chunked_token_losses(
     chunk: positions per chunk; ``T`` is padded up to a multiple of it.
 
   Returns:
-    ``(losses, predictions)``: float32 [B,T] and int32 [B,T] (argmax of the logits).
+    ``(losses, predictions)``: float32 [B,T] and int32 [B,T] (argmax of the logits, the first
+    one on ties).
 
   Example:
     >>> import jax.numpy as jnp
@@ -56,6 +65,26 @@ def chunked_token_losses(
     >>> [round(float(x), 4) for x in losses[0]], pred.tolist()
     ([0.3133, 1.3133, 0.3133], [[0, 0, 0]])
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return _chunked_losses(h, kernel, targets, chunk, None, None)
+  names = set(mesh.axis_names)
+  batch = tuple(a for a in model_lib.ACTIVATION_BATCH_AXES if a in names) or None
+  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+  per_device = jax.shard_map(
+    functools.partial(_chunked_losses, chunk=chunk, tensor_axis=tensor, batch_axes=batch),
+    mesh=mesh,
+    in_specs=(P(batch, None, None), P(None, tensor), P(batch, None)),
+    out_specs=(P(batch, None), P(batch, None)),
+  )
+  return per_device(h, kernel, targets)
+
+
+def _chunked_losses(h, kernel, targets, chunk, tensor_axis, batch_axes):
+  if batch_axes:
+    # The head is the same on every batch shard; marking it per-shard here, before the loop,
+    # puts the sum of its gradient over the shards after the loop instead of in every chunk.
+    kernel = jax.lax.pcast(kernel, batch_axes, to="varying")
   b, t, d = h.shape
   n = -(-t // chunk) if t > chunk else 1
   c = t if n == 1 else chunk
@@ -63,18 +92,31 @@ def chunked_token_losses(
   if pad:
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  # The head's FSDP shards are gathered once, not once per chunk.
-  kernel = model_lib.constrain_activation(kernel, None, "tensor")
+  vocab = kernel.shape[1]
+  offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * vocab
 
+  def over_vocab(op, x):
+    return x if tensor_axis is None else op(x, tensor_axis)
+
+  # Recomputed in the backward pass: only one chunk's logits ever exist.
   @jax.checkpoint
   def one(args):
     hc, yc = args
-    logits = model_lib.head_logits(hc, kernel)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yc), jnp.argmax(
-      logits, axis=-1
-    ).astype(jnp.int32)
+    logits = jnp.einsum("btd,dv->btv", hc, kernel, preferred_element_type=jnp.float32)
+    local_max = jax.lax.stop_gradient(logits.max(axis=-1))
+    top = over_vocab(jax.lax.pmax, local_max)
+    sum_exp = over_vocab(jax.lax.psum, jnp.exp(logits - top[..., None]).sum(axis=-1))
+    local = yc - offset
+    inside = (local >= 0) & (local < vocab)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab - 1)[..., None], axis=-1)
+    target_logit = over_vocab(jax.lax.psum, jnp.where(inside, picked[..., 0], 0.0))
+    losses = top + jnp.log(sum_exp) - target_logit
+    arg = jnp.argmax(logits, axis=-1).astype(jnp.int32) + offset
+    if tensor_axis is not None:
+      arg = jax.lax.pmin(jnp.where(local_max == top, arg, jnp.iinfo(jnp.int32).max), tensor_axis)
+    return losses, arg
 
-  # [B, n*c, ...] -> [n, B, c, ...]: the batch dimension keeps its sharding.
+  # [B, n*c, ...] -> [n, B, c, ...]
   hs = jnp.moveaxis(h.reshape(b, n, c, d), 1, 0)
   ys = jnp.moveaxis(targets.reshape(b, n, c), 1, 0)
   losses, pred = jax.lax.map(one, (hs, ys))
