@@ -243,7 +243,7 @@ def check_mesh(config, sizes: dict[str, int], devices: int, batch: int) -> None:
         raise PlanError(f"--mesh: {axis}={sizes[axis]} does not divide {name}={size}")
   shards = sizes["data"] * sizes["fsdp"]
   if batch % shards:
-    raise PlanError(f"--batch {batch} is not a multiple of data x fsdp = {shards}")
+    raise PlanError(f"--batch-size {batch} is not a multiple of data x fsdp = {shards}")
 
 
 def _mesh_str(sizes: dict[str, int]) -> str:
@@ -657,15 +657,15 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
   rows.append(("collectives per step (MB)", [_mb(_coll_total(r.collectives)) for r in results]))
   rows.append(
     (
-      "  of which optimizer update (MB)",
-      [_mb(_coll_total(r.collectives, optimizer=True)) for r in results],
+      "  of which optimizer update (kB)",
+      [f"{_coll_total(r.collectives, optimizer=True) / 1e3:,.1f}" for r in results],
     )
   )
   rows.append(
     (
       "  optimizer all-gathers/all-to-alls",
       [
-        str(sum(1 for c in r.collectives if c.optimizer and c.kind in ("all-gather", "all-to-all")))
+        str(sum(c.optimizer and c.kind in ("all-gather", "all-to-all") for c in r.collectives))
         for r in results
       ],
     )
@@ -713,21 +713,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--mesh", default="fsdp=-1", help="data=..,fsdp=..,tensor=.. (one may be -1; default fsdp=-1)"
   )
-  p.add_argument("--batch", type=int, default=None, help="global batch rows (default: the devices)")
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="rows per optimizer step, all devices and accumulation included (default: data x fsdp)",
+  )
   p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default: 2048)")
   p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+  dtypes = ("float32", "bfloat16")
+  p.add_argument("--dtype", choices=dtypes, help="parameter and compute dtype at once")
   p.add_argument(
-    "--dtype",
-    choices=("float32", "bfloat16"),
-    default="bfloat16",
-    help="compute (default: bfloat16)",
+    "--param-dtype", choices=dtypes, help="weights, the master copy (default: float32)"
   )
-  p.add_argument(
-    "--param-dtype",
-    choices=("float32", "bfloat16"),
-    default="float32",
-    help="parameters, the master copy (default: float32)",
-  )
+  p.add_argument("--compute-dtype", choices=dtypes, help="matmuls (default: bfloat16)")
   p.add_argument(
     "--remat", choices=("full", "none"), default="full", help="recompute layers (default: full)"
   )
@@ -766,7 +765,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
 
   target = parse_target(args.topology, args.devices, args.chip)
   sizes = _resolve_mesh(args.mesh, target.devices)
-  batch = args.batch if args.batch is not None else sizes["data"] * sizes["fsdp"]
+  batch = args.batch_size if args.batch_size is not None else sizes["data"] * sizes["fsdp"]
   names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
   for n in names:
     if n not in OPTIMIZERS:
@@ -774,22 +773,24 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
   if "hft" in names and not args.no_scan_layers:
     raise PlanError("--optimizer hft needs --no-scan-layers")
   if args.seq_len < 1 or batch < 1 or args.grad_accum < 1:
-    raise PlanError("--batch, --seq-len and --grad-accum must be positive")
+    raise PlanError("--batch-size, --seq-len and --grad-accum must be positive")
   if batch % (args.grad_accum * sizes["data"] * sizes["fsdp"]):
     raise PlanError(
-      f"--batch {batch} is not a multiple of grad_accum x data x fsdp = "
+      f"--batch-size {batch} is not a multiple of grad_accum x data x fsdp = "
       f"{args.grad_accum * sizes['data'] * sizes['fsdp']}"
     )
   if args.json and Path(args.json).exists():
     raise PlanError(f"--json {args.json}: the file exists; give a new name")
+  param_dtype = args.param_dtype or args.dtype or "float32"
+  compute_dtype = args.compute_dtype or args.dtype or "bfloat16"
   overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
   if args.layers is not None and args.layers < 1:
     raise PlanError("--layers must be positive")
   config = model_config(
     args.model,
     **overrides,
-    dtype=args.dtype,
-    param_dtype=args.param_dtype,
+    dtype=compute_dtype,
+    param_dtype=param_dtype,
     remat=args.remat == "full",
     scan_layers=not args.no_scan_layers,
   )
@@ -816,7 +817,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     f"plan: {args.model} on {target.topology or f'{target.devices} devices'}: {how}",
     f"mesh {_mesh_str(sizes)}; batch {batch} x {args.seq_len} tokens"
     + (f" in {args.grad_accum} micro-batches" if args.grad_accum > 1 else "")
-    + f"; params {args.param_dtype}, compute {args.dtype}, moments float32; remat {args.remat}; "
+    + f"; params {param_dtype}, compute {compute_dtype}, moments float32; remat {args.remat}; "
     + ("separate layers" if args.no_scan_layers else "scanned layers"),
   ]
   hlo_dir = Path(args.save_hlo) if args.save_hlo else None

@@ -32,7 +32,7 @@ def test_unknown_preset_lists_the_known_ones(capsys):
     (["--mesh", "fsdp=1,tensor=16"], "tensor=16 does not divide num_key_value_heads=8"),
     (["--mesh", "fsdp=3,tensor=-1"], "3 does not divide the 16 devices"),
     (["--mesh", "fsdp=8"], "has 8 devices; the target has 16"),
-    (["--batch", "8"], "--batch 8 is not a multiple of grad_accum x data x fsdp = 16"),
+    (["--batch-size", "8"], "--batch-size 8 is not a multiple of grad_accum x data x fsdp = 16"),
     (["--optimizer", "sgd"], "known optimizers are mofo"),
   ],
 )
@@ -133,7 +133,7 @@ def test_plan_of_a_config_json_on_cpu_devices(tmp_path, capsys):
   path.write_text(
     json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], **TINY})
   )
-  argv = ["--model", str(tmp_path), "--devices", "8", "--chip", "v5e", "--batch", "8"]
+  argv = ["--model", str(tmp_path), "--devices", "8", "--chip", "v5e", "--batch-size", "8"]
   argv += ["--seq-len", "32", "--optimizer", "mofo", "--json", str(tmp_path / "plan.json")]
   assert plan.main(argv) == 0
   out = capsys.readouterr().out
