@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -485,17 +486,26 @@ def collectives(hlo: str) -> list[Collective]:
 
 
 def global_batch_gathers(colls: Sequence[Collective], batch: int, seq_dims: Sequence[int]):
-  """All-gathers (or all-to-alls) of float activations carrying the global batch dimension.
+  """All-gathers (or all-to-alls) that assemble float activations over the global batch.
 
-  A floating-point result with a dimension of size ``batch`` and one of a size in ``seq_dims``
-  (the sequence length, the loss chunk) is an activation assembled over the whole batch.
+  The model's activations are laid out ``[B, T, ...]`` (the chunked loss: ``[n, B, c, ...]``):
+  a floating-point result with a dimension of size ``batch`` followed by one of a size in
+  ``seq_dims`` (the sequence length, the loss chunk) is such an activation.
+
+  Example:
+    >>> hidden = Collective("all-gather", 0, [("bf16", (16, 2048, 4096))], 1, False)
+    >>> one_row = Collective("all-gather", 0, [("bf16", (16, 1, 2048, 256))], 1, False)
+    >>> global_batch_gathers([hidden, one_row], 16, [2048]) == [hidden]
+    True
   """
   found = []
   for c in colls:
     if c.kind not in ("all-gather", "all-to-all"):
       continue
     for dtype, dims in c.shapes:
-      if dtype.startswith(("f", "bf")) and batch in dims and any(s in dims for s in seq_dims):
+      if dtype.startswith(("f", "bf")) and any(
+        a == batch and b in seq_dims for a, b in itertools.pairwise(dims)
+      ):
         found.append(c)
         break
   return found

@@ -117,13 +117,19 @@ def test_collectives_count_loop_trips_and_skip_groups_of_one():
 
 
 def test_global_batch_gathers_are_found():
+  def gather(dtype, dims, kind="all-gather"):
+    return plan.Collective(kind, 0, [(dtype, dims)], 1, False)
+
+  hidden, chunk_logits = gather("bf16", (16, 2048, 4096)), gather("f32", (4, 16, 512, 1000))
   colls = [
-    plan.Collective("all-gather", 0, [("bf16", (16, 2048, 4096))], 1, False),
-    plan.Collective("all-gather", 0, [("s32", (16, 2048))], 1, False),
-    plan.Collective("all-gather", 0, [("f32", (4096, 16))], 1, False),
-    plan.Collective("all-reduce", 0, [("f32", (16, 2048, 4096))], 1, False),
+    hidden,
+    chunk_logits,
+    gather("s32", (16, 2048)),  # token ids: not an activation
+    gather("bf16", (16, 1, 2048, 256)),  # one row, hidden split 16 ways
+    gather("f32", (4096, 16)),
+    gather("f32", (16, 2048, 4096), "all-reduce"),
   ]
-  assert plan.global_batch_gathers(colls, 16, [2048]) == colls[:1]
+  assert plan.global_batch_gathers(colls, 16, [2048, 512]) == [hidden, chunk_logits]
 
 
 def test_plan_of_a_config_json_on_cpu_devices(tmp_path, capsys):
