@@ -105,17 +105,52 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # HBM per JAX device (a chip; v4 and v5p run their two cores as one megacore device), GiB.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "h100": 80, "h200": 141}
-# Accelerator-type prefixes (gcloud) -> generation, and whether the count is TensorCores.
-_ACCELERATOR = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5litepod": ("v5e", 1), "v5e": ("v5e", 1)}
-_ACCELERATOR.update({"v6e": ("v6e", 1)})
+# Accelerator-type prefixes (gcloud) -> generation, and how many of the type's count make a
+# chip (v4-32 and v5p-64 count TensorCores, two per chip; v5e and v6e count chips).
+_ACCELERATOR = {
+  "v4": ("v4", 2),
+  "v5p": ("v5p", 2),
+  "v5litepod": ("v5e", 1),
+  "v5e": ("v5e", 1),
+  "v6e": ("v6e", 1),
+}
 # Chip layouts Cloud TPU slices use, by chip count (2-D for v5e/v6e, 3-D for v4/v5p).
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
-_SHAPES_2D.update({256: "16x16"})
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
-_SHAPES_3D.update({256: "4x8x8", 512: "8x8x8"})
+_SHAPES_2D = {
+  1: "1x1",
+  4: "2x2",
+  8: "2x4",
+  16: "4x4",
+  32: "4x8",
+  64: "8x8",
+  128: "8x16",
+  256: "16x16",
+}
+_SHAPES_3D = {
+  4: "2x2x1",
+  8: "2x2x2",
+  16: "2x2x4",
+  32: "2x4x4",
+  64: "4x4x4",
+  128: "4x4x8",
+  256: "4x8x8",
+  512: "8x8x8",
+}
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+}
 
 
 class PlanError(ValueError):
