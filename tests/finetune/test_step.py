@@ -146,7 +146,8 @@ def test_small_filtered_steps_survive_only_in_float32_masters(param_dtype):
     # every selected entry moved (ties at the threshold can add a few)
     assert fraction * 0.95 <= moved <= fraction * 1.1, moved
   else:
-    assert moved < 0.01 * fraction, moved
+    # only the few weights smaller than ~2**8 x the step keep it (0.27% of the entries here)
+    assert moved < 0.05 * fraction, moved
 
 
 def test_float32_masters_compute_like_bfloat16_weights():
