@@ -27,6 +27,7 @@ examples:
   mofo-finetune --model path/to/hf_dir --data train.jsonl --mesh data=1,fsdp=8,tensor=1
   mofo-finetune --checkpoint-dir runs/ckpt --checkpoint-every 50 --resume
   mofo-finetune --param-dtype float32 --compute-dtype bfloat16 --mesh data=1,fsdp=-1
+  mofo-finetune plan --model llama-3.1-8b --topology v5e:4x4   (memory and fit; see plan --help)
 
 exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
 2 a usage or input error (one line naming the flag or file), 130 interrupted (saved).
@@ -296,6 +297,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit status (2: a user error, printed as one line)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["plan"]:
+    from mofo_jax.finetune import plan
+
+    return plan.main(argv[1:])
   from mofo_jax.finetune import runner
   from mofo_jax.finetune.run_config import UserError
   from mofo_jax.finetune.train import TrainingDiverged

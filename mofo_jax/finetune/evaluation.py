@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from mofo_jax.finetune import data as data_lib
-from mofo_jax.finetune.train import Batch, Trainer, token_losses
+from mofo_jax.finetune.step import token_losses
+from mofo_jax.finetune.train import Batch, Trainer
 
 
 def loss_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:

@@ -8,7 +8,17 @@ here is ``model.layers.3.self_attn.q_proj`` there. Every projection is an ``nnx.
 
 Each parameter carries logical axis names (``out_sharding`` metadata); ``LOGICAL_AXIS_RULES``
 maps them onto a ``(data, fsdp, tensor)`` mesh and ``param_shardings`` / ``shard_model`` apply
-them.
+them. Activations are constrained too, when a mesh is in context (``jax.set_mesh`` outside
+``jit``, or ``jax.sharding.use_abstract_mesh`` inside, as the train step does): their batch
+dimension is split over ``data`` and ``fsdp`` and their head / FFN dimension over ``tensor``,
+so FSDP gives data parallelism instead of every device computing the global batch.
+
+Precision: ``param_dtype`` is what the parameters (and so the optimizer's master copy) are
+stored in, ``dtype`` what the matmuls compute in. Pods use float32 parameters with bfloat16
+compute: weights are cast to bfloat16 inside each layer (after the FSDP shard is gathered, so
+the gather moves half the bytes), gradients come back in float32, and steps far smaller than
+a weight's bfloat16 spacing still accumulate. bfloat16 parameters halve parameter memory but
+round every update to 8 significant bits: see ``docs/pod.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +46,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
   ("norm", None),
   ("layers", None),
 )
+
+# Mesh axes the batch dimension of activations is split over (in this order).
+ACTIVATION_BATCH_AXES = ("data", "fsdp")
 
 _DTYPES = ("float32", "bfloat16")
 _MODEL_TYPES = ("llama", "qwen2")
@@ -137,6 +150,38 @@ def _meta(*names: str) -> dict[str, Any]:
   return {"out_sharding": names, "eager_sharding": False}
 
 
+def constrain_activation(x: jax.Array, *dims: str | None) -> jax.Array:
+  """Pins an activation's layout on the mesh in context; a no-op without one.
+
+  Args:
+    x: the activation.
+    *dims: per dimension of ``x``: ``"batch"`` (split over the ``ACTIVATION_BATCH_AXES`` the
+      mesh has), a mesh axis name (used when the mesh has it), or ``None`` (replicated).
+
+  Returns:
+    ``x`` with a sharding constraint, or ``x`` itself when no mesh is in context.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> constrain_activation(jnp.ones((2, 3)), "batch", None).shape  # no mesh: unchanged
+    (2, 3)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  names = set(mesh.axis_names)
+  batch = tuple(a for a in ACTIVATION_BATCH_AXES if a in names)
+  spec = []
+  for d in dims:
+    if d == "batch":
+      spec.append(batch or None)
+    else:
+      spec.append(d if d in names else None)
+  if all(e is None for e in spec):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def _inv_freq(config: LlamaConfig) -> np.ndarray:
   """RoPE inverse frequencies, with Llama-3 scaling if configured (float32, [head_dim/2])."""
   dim = config.head_dim
@@ -235,11 +280,13 @@ class LlamaAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = (constrain_activation(a, "batch", None, "tensor", None) for a in (q, k, v))
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     # The XLA path groups the query heads over the shared K/V heads and keeps the
     # softmax in float32.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    out = constrain_activation(out.reshape(b, t, -1), "batch", None, "tensor")
+    return constrain_activation(self.o_proj(out), "batch", None, None)
 
 
 class LlamaMLP(nnx.Module):
@@ -278,7 +325,10 @@ class LlamaMLP(nnx.Module):
     Returns:
       [B,T,D].
     """
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    h = constrain_activation(
+      jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), "batch", None, "tensor"
+    )
+    return constrain_activation(self.down_proj(h), "batch", None, None)
 
 
 def _rms_norm(config: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -320,7 +370,8 @@ class LlamaDecoderLayer(nnx.Module):
       [B,T,D].
     """
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return constrain_activation(x, "batch", None, None)
 
 
 def _layer_step(layer: LlamaDecoderLayer, x, cos, sin, mask):
@@ -381,18 +432,26 @@ class LlamaModel(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(c))
     angles = jnp.concatenate([angles, angles], axis=-1)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos = constrain_activation(jnp.cos(angles), "batch", None, None)
+    sin = constrain_activation(jnp.sin(angles), "batch", None, None)
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
     if segment_ids is not None:
       mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
-    x = self.embed_tokens(input_ids)
+    # Cast before the lookup, so FSDP gathers the table in the compute dtype.
+    table = self.embed_tokens.embedding[...].astype(c.dtype)
+    x = constrain_activation(jnp.take(table, input_ids, axis=0), "batch", None, None)
     step = _layer_step_remat if c.remat else _layer_step
     if c.scan_layers:
       # A plain lax.scan over the split state, rebuilding one layer per step: unlike
       # nnx.scan it also works when the model is closed over by an inner JAX transform
       # (e.g. a fori_loop inside jit), where nnx rejects Variables of an outer trace.
       graphdef, stacked = nnx.split(self.layers)
+      # Projection weights are cast to the compute dtype before the loop (the layers would
+      # cast them anyway), so each layer's FSDP gather moves compute-dtype bytes.
+      stacked = nnx.map_state(
+        lambda path, v: v.astype(c.dtype) if path[-1] in ("kernel", "bias") else v, stacked
+      )
 
       def body(x, layer_state):
         return step(nnx.merge(graphdef, layer_state), x, cos, sin, mask), None
@@ -401,7 +460,7 @@ class LlamaModel(nnx.Module):
     else:
       for layer in self.layers:
         x = step(layer, x, cos, sin, mask)
-    return self.norm(x)
+    return constrain_activation(self.norm(x), "batch", None, None)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -442,10 +501,27 @@ class LlamaForCausalLM(nnx.Module):
       float32 logits [B,T,vocab_size].
     """
     h = self.model(input_ids, positions=positions, segment_ids=segment_ids)
+    return head_logits(h, self.head_kernel())
+
+  def head_kernel(self) -> jax.Array:
+    """The LM head as a ``[hidden, vocab]`` matrix in the compute dtype (tied: the embedding)."""
     if self.lm_head is None:
-      emb = self.model.embed_tokens.embedding[...].astype(self.config.dtype)
-      return jnp.einsum("btd,vd->btv", h, emb, preferred_element_type=jnp.float32)
-    return self.lm_head(h).astype(jnp.float32)
+      return self.model.embed_tokens.embedding[...].astype(self.config.dtype).T
+    return self.lm_head.kernel[...].astype(self.config.dtype)
+
+
+def head_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+  """float32 logits ``h @ kernel`` [...,V], vocabulary split over ``tensor`` on a mesh.
+
+  Args:
+    h: hidden states [B,T,D] in the compute dtype.
+    kernel: ``LlamaForCausalLM.head_kernel()`` [D,V].
+
+  Returns:
+    float32 [B,T,V].
+  """
+  logits = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+  return constrain_activation(logits, "batch", None, "tensor")
 
 
 def count_params(model: nnx.Module) -> int:

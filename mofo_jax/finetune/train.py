@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import mofo_jax
 from mofo_jax.finetune import checkpointing, optimizers
+from mofo_jax.finetune.step import make_train_step
 
 Batch = Mapping[str, np.ndarray]
 BATCH_AXES = ("data", "fsdp")
@@ -67,13 +68,6 @@ def make_mesh(spec: str | Mapping[str, int], devices=None) -> jax.sharding.Mesh:
     raise ValueError(f"mesh {sizes} needs {needed} devices; {len(devices)} are available.")
   arr = np.asarray(devices[:needed]).reshape(tuple(sizes.values()))
   return jax.sharding.Mesh(arr, tuple(sizes))
-
-
-def token_losses(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Per-token next-token cross entropy [B,T] and the model's greedy prediction [B,T]."""
-  logits = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return losses, jnp.argmax(logits, axis=-1)
 
 
 @dataclasses.dataclass
@@ -129,7 +123,7 @@ class Trainer:
     self.state = TrainState(0, params, opt_state)
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     self._step = jax.jit(
-      self._train_step,
+      make_train_step(self.graphdef, self.rest, optimizer, grad_accum=grad_accum, mesh=mesh),
       donate_argnums=(0, 1),
       out_shardings=(self.param_shardings, self.opt_shardings, None),
     )
@@ -142,36 +136,6 @@ class Trainer:
   def model(self, params: Any = None) -> nnx.Module:
     """The model with the current (or the given) params."""
     return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
-
-  def _train_step(self, params, opt_state, batch):
-    # Gradients of the summed loss, divided once by the batch's token count: accumulating
-    # micro-batches gives the same gradient as one big batch.
-    def summed(p, b):
-      losses, _ = token_losses(nnx.merge(self.graphdef, p, self.rest), b)
-      mask = b["loss_mask"].astype(jnp.float32)
-      return (losses * mask).sum(), mask.sum()
-
-    grad_fn = jax.value_and_grad(summed, has_aux=True)
-    if self.grad_accum == 1:
-      (loss_sum, count), grads = grad_fn(params, batch)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape((self.grad_accum, -1) + x.shape[1:]), batch)
-
-      def body(carry, b):
-        (s, c), g = grad_fn(params, b)
-        return jax.tree.map(jnp.add, carry, (s, c, g)), None
-
-      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-      (loss_sum, count, grads), _ = jax.lax.scan(body, zero, micro)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (
-      params,
-      opt_state,
-      {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads)},
-    )
 
   def evaluate(
     self, metric: Callable[..., Mapping[str, jax.Array]], batches: Iterable[Batch], *args

@@ -9,6 +9,7 @@ from flax import nnx
 
 from mofo_jax.finetune import data as data_lib
 from mofo_jax.finetune import checkpointing, evaluation, optimizers, train
+from mofo_jax.finetune.step import token_losses
 from mofo_jax.finetune import model as model_lib
 
 VOCAB = 64
@@ -211,7 +212,7 @@ def test_answer_accuracy_scores_greedy_exact_match():
   acc, loss = evaluation.answer_accuracy(trainer, [b], np.ones(VOCAB, bool))
   assert acc == 0.0 and loss > 0  # an untrained model does not count
   # Targets set to the model's own greedy predictions: every row is then an exact match...
-  _, pred = train.token_losses(trainer.model(), b)
+  _, pred = token_losses(trainer.model(), b)
   greedy = {**b, "targets": np.where(b["loss_mask"] > 0, np.asarray(pred), b["targets"])}
   assert evaluation.answer_accuracy(trainer, [greedy], np.ones(VOCAB, bool))[0] == 1.0
   # ...unless the token predicted after the answer would continue the number.
