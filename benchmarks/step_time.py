@@ -317,16 +317,17 @@ def main_compile(args, modes, shapes, device=None) -> dict:
     target = TPU_TARGETS.get(r["mode"])
     r["target_met"] = None if target is None else r["ratio"] <= target
     r["temp_target_met"] = r["temp_bytes"] <= 4 * largest
-    loops = "+".join(f"{loop['trips']}" for loop in r["loops"]) or "-"
+    loops = "+".join("?" if t is None else str(t) for t in (x["trips"] for x in r["loops"]))
     print(
       f"{r['mode']:8s} {r['bytes_per_param']:8.1f} {r['ratio']:8.2f} "
-      f"{(f'<={target}' if target else '-'):>7s} {r['bytes_per_param_once']:7.1f} {loops:>12s} "
+      f"{(f'<={target}' if target else '-'):>7s} {r['bytes_per_param_once']:7.1f} {loops or '-':>12s} "
       f"{_mib(r['temp_bytes'])} {r['temp_target_met']!s:>7s} "
       f"{r['lower_s'] + r['compile_s']:9.1f}"
     )
   print(
     "B/param: cost_analysis() bytes accessed with every while-loop trip counted; once: "
-    "cost_analysis() as reported (each loop body once); loops: trip counts found; temp ok: "
+    "cost_analysis() as reported (each loop body once); loops: trip counts found (?: decided at "
+    "run time, counted once); temp ok: "
     f"temp <= one float32 copy of the largest leaf ({_mib(4 * largest).strip()} MiB)."
   )
   return {**info, "topology": args.tpu_topology, "results": results}

@@ -157,3 +157,14 @@ def test_device_suite_records_timeouts_and_the_spent_budget(tmp_path, monkeypatc
   modes = json.loads((tmp_path / "device_suite.json").read_text())["modes"]
   assert modes["adamw"]["error"] == "timed out after 0.6 s"
   assert modes["topk"]["error"].startswith("skipped")
+
+
+def test_hlo_bytes_counts_a_loop_with_a_run_time_trip_count_once():
+  def f(x, n):
+    trips = jnp.where(n[0] >= 0, 1, 0).astype(jnp.int32)
+    return jax.lax.fori_loop(0, trips, lambda i, c: c * 2 + 1, x)
+
+  c = _compiled(f, (N,), (1,))
+  report = hlo_bytes.every_pass(c)
+  assert [loop["trips"] for loop in report["loops"]] == [None]
+  assert report["every_pass_bytes"] == report["cost_analysis_bytes"]
