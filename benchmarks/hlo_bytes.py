@@ -44,7 +44,10 @@ _DTYPE_BYTES = {
   "c64": 8,
   "c128": 16,
 }
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+# dtype[dims] and the layout after it, where a memory space other than 0 (device memory) shows
+# as S(n): on TPU, S(1) is the on-chip vector memory.
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
 _NAME = re.compile(r"%[\w.\-]+")
 # Instructions that move no data of their own (a while's cost is its body's, added separately).
 _FREE = {
@@ -68,10 +71,11 @@ _FREE = {
 _SLICING = ("gather", "dynamic-slice", "slice")
 
 
-def _shape_bytes(shape: str) -> float:
+def _shape_bytes(shape: str, device_memory_only: bool = False) -> float:
   return sum(
     _DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-    for d, dims in _ARRAY.findall(shape)
+    for d, dims, layout in _ARRAY.findall(shape)
+    if not (device_memory_only and _ON_CHIP.search(layout))
   )
 
 
@@ -146,7 +150,8 @@ def _attr(attrs: str, key: str) -> str | None:
 
 
 class _Module:
-  def __init__(self, text: str):
+  def __init__(self, text: str, device_memory_only: bool = False):
+    self.device_memory_only = device_memory_only
     self.computations, self.entry = parse_module(text)
     self.by_name = {i.name: i for insts in self.computations.values() for i in insts}
     self.constants = {}
@@ -217,27 +222,48 @@ class _Module:
       for p, us in users.items():
         if all(u.opcode in _SLICING and u.operands[0] == p for u in us):
           sliced[params[p]] = sum(_shape_bytes(u.shape) for u in us)
+          if self.device_memory_only and _ON_CHIP.search(
+            self.by_name[inst.operands[params[p]]].shape
+          ):
+            sliced[params[p]] = 0.0
     total = 0.0
     for k, n in enumerate(inst.operands):
       if n in self.by_name and n not in inst.operands[:k]:
-        total += sliced.get(k, _shape_bytes(self.by_name[n].shape))
+        total += sliced.get(k, self._bytes(self.by_name[n].shape))
     return total
+
+  def _bytes(self, shape: str) -> float:
+    return _shape_bytes(shape, self.device_memory_only)
 
   def instruction_bytes(self, inst: Instruction) -> float:
     """Bytes one (non-while) instruction moves."""
     if inst.opcode in _FREE:
       return 0.0
-    out = _shape_bytes(inst.shape)
-    if inst.opcode in ("dynamic-slice", "slice", "slice-done"):
-      # Reads and writes only the slice (slice-done: the end of an asynchronous slice).
+    out = self._bytes(inst.shape)
+    if inst.opcode == "slice-done":
+      # The end of an asynchronous slice: reads the slice from the source, writes it.
+      if not self.device_memory_only:
+        return 2 * _shape_bytes(inst.shape)
+      start = self.by_name[inst.operands[0]]
+      source = self.by_name[start.operands[0]] if start.operands else None
+      read = _shape_bytes(inst.shape) if source is not None and self._bytes(source.shape) else 0
+      return read + out
+    if inst.opcode in ("dynamic-slice", "slice"):
+      # Reads and writes only the slice.
       return 2 * out
     if inst.opcode == "dynamic-update-slice":
       update = self.by_name.get(inst.operands[1])
-      return 2 * _shape_bytes(update.shape) if update is not None else out
+      return 2 * self._bytes(update.shape) if update is not None else out
     if inst.opcode in ("copy-start", "copy-done"):
+      source = self.by_name[inst.operands[0]].shape
+      if self.device_memory_only:
+        # The copy reads its source and writes its destination (the start's first output).
+        if inst.opcode == "copy-done":
+          return 0.0
+        dest = _ARRAY.search(inst.shape)
+        return self._bytes(source) + (self._bytes(dest.group(0)) if dest else 0.0)
       # An asynchronous copy (e.g. to on-chip memory), billed at both ends as XLA:TPU does.
-      copied = self.by_name[inst.operands[0]].shape if inst.opcode == "copy-start" else inst.shape
-      return 2 * _shape_bytes(copied)
+      return 2 * _shape_bytes(source if inst.opcode == "copy-start" else inst.shape)
     return self._operand_bytes(inst) + out
 
   def cost(self, computation: str, trips: bool, loops: list) -> float:
@@ -264,19 +290,23 @@ class _Module:
     return total
 
 
-def bytes_accessed(text: str, trips: bool = True) -> tuple[float, list[dict]]:
+def bytes_accessed(
+  text: str, trips: bool = True, device_memory_only: bool = False
+) -> tuple[float, list[dict]]:
   """Bytes moved by the HLO module ``text``: every loop trip counted, or each loop body once.
 
   Args:
     text: the optimised HLO of a compiled program (``Compiled.as_text()``).
     trips: multiply each while loop's body by its trip count (loops whose trip count cannot be
       read count once, and are reported with ``trips: None``).
+    device_memory_only: count only arrays in memory space 0 (HBM on TPU and GPU), not those
+      the compiler placed in on-chip memory (``S(1)`` in the layout on TPU).
 
   Returns:
     The bytes, and one ``{"while", "trips", "bytes_per_trip", "by_opcode"}`` record per while
     loop (``by_opcode``: the body's bytes per trip by instruction kind, nested loops excluded).
   """
-  module = _Module(text)
+  module = _Module(text, device_memory_only)
   loops: list[dict] = []
   return module.cost(module.entry, trips, loops), loops
 
@@ -286,6 +316,9 @@ def every_pass(compiled) -> dict:
 
   The extra trips, ``(trips - 1) x bytes_per_trip`` per loop as this module counts them, are
   added to ``cost_analysis()``'s own figure, which has each loop body once.
+  ``device_memory_bytes`` is this module's own count, every trip included, of the bytes read
+  from and written to device memory (HBM) only, leaving out the traffic between on-chip
+  buffers that ``cost_analysis()`` also bills.
   """
   ca = compiled.cost_analysis()
   if isinstance(ca, list):  # older jax: one dict per program
@@ -300,6 +333,7 @@ def every_pass(compiled) -> dict:
     "cost_analysis_bytes": once,
     "parsed_bytes_loops_once": parsed_once,
     "every_pass_bytes": once + (parsed_all - parsed_once),
+    "device_memory_bytes": bytes_accessed(text, trips=True, device_memory_only=True)[0],
     "loops": loops,
     "unknown_trip_counts": sum(loop["trips"] is None for loop in loops),
   }
