@@ -14,7 +14,9 @@ constant and stepping by one in the body).
 ``bytes_accessed(text, trips=False)`` (every loop counted once) should agree with
 ``cost_analysis()`` to within a few percent; the report carries both so that any disagreement
 is visible. The every-pass figure the benchmarks print is ``cost_analysis()`` plus the extra
-trips, ``(trip - 1) x (body + condition)``, as counted here.
+trips, ``(trip - 1) x (body + condition)``, as counted here. With ``device_memory_only`` the
+count keeps only arrays in memory space 0 (HBM), leaving out buffers the compiler placed in
+on-chip memory (``S(1)`` in TPU layouts), which ``cost_analysis()`` bills too.
 """
 
 from __future__ import annotations
