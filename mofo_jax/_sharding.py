@@ -150,11 +150,14 @@ def state_shardings(opt: optax.GradientTransformation, params: Any) -> Any:
       math.prod(mesh.shape[n] for n in (() if e is None else (e,) if isinstance(e, str) else e))
       for e in entries
     ]
-    if len(leaf.shape) == len(param.shape) and all(
-      a in (1, b, n) for a, b, n in zip(leaf.shape, param.shape, shards)
+    if (
+      jnp.issubdtype(leaf.dtype, jnp.floating)
+      and len(leaf.shape) == len(param.shape)
+      and all(a in (1, b, n) for a, b, n in zip(leaf.shape, param.shape, shards))
     ):
-      # A per-block value over the leaf's own axes (one per index of a block axis, or one per
-      # shard with per-shard selection): sharded like the leaf along the axes it keeps whole.
+      # A per-block threshold over the leaf's own axes (one per index of a block axis, or one
+      # per shard with per-shard selection): sharded like the leaf along the axes it keeps
+      # whole. Integer values (counts, kept as limbs) are replicated whatever their shape.
       return NamedSharding(
         mesh,
         PartitionSpec(
