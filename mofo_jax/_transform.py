@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from mofo_jax import _approx
 from mofo_jax import _local
@@ -126,6 +127,37 @@ def _init_telemetry(
   return _telemetry.init_telemetry(
     tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection))
   )
+
+
+def _explicit_sharding(x: Any) -> Any:
+  """``x``'s sharding where it is part of its type (Explicit mesh axes), else None."""
+  sharding = getattr(x, "sharding", None)
+  return sharding if _sharding.is_explicit(getattr(sharding, "mesh", None)) else None
+
+
+def _materialised(
+  fn: Callable[[], list[jax.Array]], step: jax.Array, init: list[jax.Array] | None = None
+) -> list[jax.Array]:
+  """``fn()``, computed once into buffers that every later consumer reads.
+
+  The search for a threshold and the mask compared with it both read the scores. Were the scores
+  an expression (``b1 * mu + (1 - b1) * g``), XLA could recompute it inside each consumer's
+  fusion, with different rounding (FMA contraction, vector width), and the mask would then
+  disagree with the threshold and with the count reported (measured on XLA:CPU: the k-th entry
+  dropped on ~10% of steps of a program that does not output the new state).
+  ``lax.optimization_barrier`` does not prevent this: XLA:CPU removes barriers before fusion.
+  The results of a ``while`` loop are buffers on every backend and no fusion reaches into a loop
+  body, so ``fn`` runs as the body of a loop whose trip count, 1, depends on ``step`` (never
+  negative: counts saturate), which the compiler cannot know and so cannot unroll away. ``init``
+  (zeros by default) is what 0 trips would return; the previous moment serves for the new one,
+  so a donated state is updated in place.
+  """
+  if init is None:
+    init = [
+      jnp.zeros(x.shape, x.dtype, out_sharding=_explicit_sharding(x)) for x in jax.eval_shape(fn)
+    ]
+  trips = jnp.where(step >= 0, 1, 0).astype(jnp.int32)
+  return lax.fori_loop(0, trips, lambda i, c: fn(), list(init))
 
 
 def _check_selection(selection: Any) -> None:
@@ -277,21 +309,51 @@ def scale_by_mofo(
     count_inc = optax.safe_increment(state.count)
     frac = fraction_at(state.count)
 
+    # Moments in their own dtype when wider than float32 (float64 under x64), else float32.
+    m_dt = jnp.promote_types(mu_dtype, jnp.float32)
+    v_dt = jnp.promote_types(nu_dtype, jnp.float32)
+    u_dt = jnp.promote_types(m_dt, v_dt)
     # Bias corrections as reciprocals, multiplied in: XLA rewrites a division by a broadcast
     # scalar into this only where its fusion allows, so a sharded and an unsharded program would
     # otherwise round differently. Spelled out, every layout computes the same bits.
-    inv_bc1 = 1 / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
-    inv_bc2 = 1 / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
-    mus, nus, directions = [], [], []
-    for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
-      g32 = g.astype(jnp.float32)
-      m = (b1 * mu.astype(jnp.float32) + (1 - b1) * g32).astype(mu_dtype)
-      v = (b2 * nu.astype(jnp.float32) + (1 - b2) * g32 * g32).astype(nu_dtype)
-      m_hat = m.astype(jnp.float32) * inv_bc1
-      v_hat = v.astype(jnp.float32) * inv_bc2
-      mus.append(m)
-      nus.append(v)
-      directions.append(m_hat / (jnp.sqrt(v_hat) + eps))
+    inv_bc1 = 1 / (1 - jnp.asarray(b1, u_dt) ** count_inc)
+    inv_bc2 = 1 / (1 - jnp.asarray(b2, u_dt) ** count_inc)
+
+    def first_moment(g, mu):
+      return (b1 * mu.astype(m_dt) + (1 - b1) * g.astype(m_dt)).astype(mu_dtype)
+
+    def second_moment(g, nu):
+      return (b2 * nu.astype(v_dt) + (1 - b2) * jnp.square(g.astype(v_dt))).astype(nu_dtype)
+
+    def direction(m, v):
+      return (m.astype(u_dt) * inv_bc1) / (jnp.sqrt(v.astype(u_dt) * inv_bc2) + eps)
+
+    old_mus, old_nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    nus = [second_moment(g, nu) for g, nu in zip(leaves, old_nus)]
+    idx = [i for i, f in enumerate(filtered) if f]
+    mus = [None if f else first_moment(g, mu) for g, mu, f in zip(leaves, old_mus, filtered)]
+    if score == "momentum" and idx:
+      # The search, the mask, the direction and the new state all read one materialised m.
+      new = _materialised(
+        lambda: [first_moment(leaves[i], old_mus[i]) for i in idx],
+        state.count,
+        [old_mus[i] for i in idx],
+      )
+      for i, m in zip(idx, new):
+        mus[i] = m
+    else:
+      for i in idx:
+        mus[i] = first_moment(leaves[i], old_mus[i])
+    directions = [direction(m, v) for m, v in zip(mus, nus)]
+    if score in ("gradient", "update") and idx:
+      base = leaves if score == "gradient" else directions
+      scores = list(base)
+      for j, x in zip(idx, _materialised(lambda: [base[i] for i in idx], state.count)):
+        scores[j] = x
+      if score == "update":
+        directions = scores
+    else:
+      scores = mus
 
     if score == "random":
       base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
@@ -306,7 +368,6 @@ def scale_by_mofo(
           kept.append(jnp.asarray(u.size, jnp.int32))
       thresholds = _zero_thresholds(directions, filtered, specs, selection)
     else:
-      scores = {"momentum": mus, "gradient": leaves, "update": directions}[score]
       masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
 
     new_updates = [
@@ -375,6 +436,10 @@ def keep_top_fraction(
     leaves, treedef = jax.tree.flatten(updates)
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
+    idx = [i for i, f in enumerate(filtered) if f]
+    if idx:
+      for j, x in zip(idx, _materialised(lambda: [leaves[i] for i in idx], state.count)):
+        leaves[j] = x
     masks, kept, thresholds = _select(
       leaves, filtered, specs, is_global, fraction_at(state.count), selection
     )
