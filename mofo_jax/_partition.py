@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -38,9 +39,12 @@ class BlockSpec:
   reshape: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+    object.__setattr__(self, "axes", _ints(self.axes, "axes"))
     if self.reshape is not None:
-      object.__setattr__(self, "reshape", tuple(int(d) for d in self.reshape))
+      reshape = _ints(self.reshape, "reshape")
+      if any(d < 0 for d in reshape):
+        raise ValueError(f"BlockSpec(reshape={reshape}): every size must be >= 0.")
+      object.__setattr__(self, "reshape", reshape)
 
   def view_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape the leaf is viewed with; raises ValueError if ``reshape`` does not fit."""
@@ -80,6 +84,13 @@ class BlockSpec:
     view = self.view_shape(shape)
     keep = self.block_axes(shape)
     return math.prod(d for i, d in enumerate(view) if i not in keep)
+
+
+def _ints(values: Sequence[Any], name: str) -> tuple[int, ...]:
+  try:
+    return tuple(operator.index(v) for v in values)
+  except TypeError as e:
+    raise TypeError(f"BlockSpec({name}={values!r}): entries must be integers.") from e
 
 
 PER_LEAF = BlockSpec()

@@ -158,7 +158,7 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
     shift = jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32)
     per_leaf = [counts_at(v, p, shift, ax) for v, p, ax in zip(views, prefixes, reduce_axes)]
     if global_block:
-      total_counts = sum(c.reshape(-1, num_digits - 1).sum(0) for c in per_leaf)
+      total_counts = sum(c.reshape(-1, num_digits - 1).sum(0, dtype=jnp.int32) for c in per_leaf)
       per_leaf = [jnp.broadcast_to(total_counts, c.shape) for c in per_leaf]
     new_prefixes, new_counts = [], []
     for p, c, cnt, k in zip(prefixes, counts, per_leaf, ks):
@@ -226,7 +226,7 @@ def _resolve_digit(hist, above, k):
       jnp.take_along_axis(grid, row[..., None, None], axis=-2)[..., 0, :], row_above, k
     )
     return row * (bins // rows) + col, count, new_above
-  at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+  at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]
   digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
   count = jnp.take_along_axis(at_or_above, digit[..., None], axis=-1)[..., 0]
   return digit, count, count - jnp.take_along_axis(hist, digit[..., None], axis=-1)[..., 0]

@@ -62,6 +62,11 @@ def telemetry_summary(opt_state: Any) -> dict[str, float]:
     (0.1, 1.0)
   """
   found = _find_telemetry(opt_state)
+  if not found:
+    raise ValueError(
+      "telemetry_summary found no MoFO telemetry in this optimizer state: pass the state of an "
+      "optimizer built from mofo_jax.mofo, scale_by_mofo or keep_top_fraction."
+    )
   out: dict[str, float] = {}
   total_updated = 0
   total_entries = 0

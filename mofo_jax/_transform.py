@@ -42,8 +42,12 @@ class KeepTopFractionState(NamedTuple):
 
 
 def _fraction_fn(fraction: ScalarOrSchedule) -> Callable[[jax.Array], Any]:
-  """Validates ``fraction`` and returns ``count -> fraction`` (schedules clipped into [0, 1])."""
-  if isinstance(fraction, bool):
+  """Validates ``fraction`` and returns ``count -> fraction``.
+
+  Schedules and traced values are clipped into [0, 1] at run time; a value of 0 (or below)
+  updates no entry and NaN makes the filtered updates NaN (see ``_apply_fraction_guard``).
+  """
+  if isinstance(fraction, bool) or fraction is None or isinstance(fraction, (str, bytes)):
     raise TypeError(f"fraction={fraction!r} must be a number in (0, 1] or a schedule.")
   if isinstance(fraction, (int, float)):
     if not 0.0 < fraction <= 1.0:
@@ -55,9 +59,38 @@ def _fraction_fn(fraction: ScalarOrSchedule) -> Callable[[jax.Array], Any]:
   # concrete; a traced value is clipped like a schedule's.
   if not isinstance(fraction, jax.core.Tracer):
     value = np.asarray(fraction)
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(f"fraction={fraction!r} must be a number in (0, 1] or a schedule.")
     if value.shape != () or not 0.0 < float(value) <= 1.0:
       raise ValueError(f"fraction={value} must be a scalar in (0, 1].")
   return lambda count: jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+
+
+def _guard_fraction(
+  frac: Any, masks: list[jax.Array | None], kept: list[jax.Array], directions: list[jax.Array]
+):
+  """A traced fraction of 0 updates nothing, and a NaN one makes the filtered updates NaN (so
+  that ``optax.apply_if_finite`` skips the step) instead of keeping one entry per block."""
+  if isinstance(frac, float):
+    return masks, kept, directions
+  positive = frac > 0
+  nan = jnp.isnan(frac)
+  masks = [None if m is None else (m & positive) | nan for m in masks]
+  kept = [
+    k if m is None else jnp.where(positive, k, jnp.zeros_like(k)) for m, k in zip(masks, kept)
+  ]
+  directions = [
+    u if m is None else jnp.where(nan, jnp.asarray(jnp.nan, u.dtype), u)
+    for m, u in zip(masks, directions)
+  ]
+  return masks, kept, directions
+
+
+def _moment_dtype(dtype: Any, name: str) -> jnp.dtype:
+  dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}={dtype} must be a floating point dtype (e.g. float32 or bfloat16).")
+  return dtype
 
 
 def _leaf_paths(tree: Any) -> list[str]:
@@ -86,10 +119,14 @@ def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
     )
   except (ValueError, TypeError) as e:
     raise ValueError(f"filter_mask must be a prefix of the params pytree of bools: {e}") from e
-  try:
-    return [bool(m) for m in mask_leaves]
-  except jax.errors.ConcretizationTypeError as e:
-    raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.") from e
+  out = []
+  for path, m in zip(_leaf_paths(tree), mask_leaves):
+    if isinstance(m, jax.core.Tracer):
+      raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.")
+    if not (isinstance(m, (bool, np.bool_)) or (np.ndim(m) == 0 and np.asarray(m).dtype == bool)):
+      raise TypeError(f"filter_mask holds {m!r} for leaf {path}; it must hold booleans.")
+    out.append(bool(m))
+  return out
 
 
 def _block_specs(
@@ -287,8 +324,8 @@ def scale_by_mofo(
     raise ValueError(f"score={score!r} must be one of {SCORES}.")
   _check_selection(selection)
   fraction_at = _fraction_fn(fraction)
-  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.dtype(jnp.float32)
-  nu_dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else jnp.dtype(jnp.float32)
+  mu_dtype = _moment_dtype(mu_dtype, "mu_dtype")
+  nu_dtype = _moment_dtype(nu_dtype, "nu_dtype")
 
   def init_fn(params):
     _check_float_leaves(params, "scale_by_mofo")
@@ -304,6 +341,7 @@ def scale_by_mofo(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(g) for g in leaves]  # Python floats, as optax.adamw accepts them
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
     count_inc = optax.safe_increment(state.count)
@@ -369,6 +407,7 @@ def scale_by_mofo(
       thresholds = _zero_thresholds(directions, filtered, specs, selection)
     else:
       masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
+    masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
 
     new_updates = [
       (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
@@ -434,15 +473,16 @@ def keep_top_fraction(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(u) for u in leaves]
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
     idx = [i for i, f in enumerate(filtered) if f]
     if idx:
       for j, x in zip(idx, _materialised(lambda: [leaves[i] for i in idx], state.count)):
         leaves[j] = x
-    masks, kept, thresholds = _select(
-      leaves, filtered, specs, is_global, fraction_at(state.count), selection
-    )
+    frac = fraction_at(state.count)
+    masks, kept, thresholds = _select(leaves, filtered, specs, is_global, frac, selection)
+    masks, kept, leaves = _guard_fraction(frac, masks, kept, leaves)
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
     telemetry = state.telemetry._replace(
       num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
