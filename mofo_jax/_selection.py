@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,37 @@ from mofo_jax import _sharding
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
 METHODS = ("auto", "count", "histogram")
+Method = Literal["auto", "count", "histogram"]
+
+
+def resolve_method(
+  method: Method, num_devices: int | None = None
+) -> Literal["count", "histogram", "by_platform"]:
+  """The search :func:`select_blocks` runs for ``method``: the one place the choice is made.
+
+  ``"auto"`` counts when several devices are present (operands may be sharded, and counting
+  all-reduces 60 bytes per block and pass where a sharded histogram would all-reduce 256 KiB),
+  and otherwise returns ``"by_platform"``: histograms when the program is lowered for CPU, where
+  XLA does not fuse a comparison into the reduction that consumes it, counting elsewhere
+  (scatter-adds with many collisions are slow on XLA:GPU).
+
+  Args:
+    method: ``"auto"``, ``"count"`` or ``"histogram"``.
+    num_devices: devices the computation may span; ``jax.device_count()`` when None.
+
+  Returns:
+    ``"count"``, ``"histogram"``, or ``"by_platform"`` (decided by ``lax.platform_dependent``).
+
+  Example:
+    >>> resolve_method("auto", num_devices=1), resolve_method("auto", num_devices=8)
+    ('by_platform', 'count')
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} must be one of {METHODS}.")
+  if method != "auto":
+    return method
+  n = jax.device_count() if num_devices is None else num_devices
+  return "count" if n > 1 else "by_platform"
 
 
 class BlockSelection(NamedTuple):
@@ -71,7 +102,7 @@ def select_blocks(
   *,
   global_block: bool = False,
   radix_bits: int = 4,
-  method: str = "auto",
+  method: Method = "auto",
 ) -> list[BlockSelection]:
   """Finds, in every block of every leaf, the k-th largest ``|score|`` and how many reach it.
 
@@ -85,7 +116,8 @@ def select_blocks(
     method: ``"count"`` (comparisons and sums), ``"histogram"`` (scatter-add histograms of
       digits, at most 16 bits per pass; under sharding its histograms are all-reduced, and
       explicitly sharded operands are not supported), or ``"auto"``: histograms on CPU with a
-      single device, counting elsewhere. All give the same results.
+      single device, counting elsewhere (see :func:`resolve_method`). All give the same
+      results.
 
   Returns:
     One ``BlockSelection`` per leaf. The mask of a leaf is ``|score| >= threshold`` (broadcast
@@ -94,8 +126,7 @@ def select_blocks(
   """
   if radix_bits not in (1, 2, 4, 8):
     raise ValueError(f"radix_bits={radix_bits} must be 1, 2, 4 or 8.")
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} must be one of {METHODS}.")
+  resolve_method(method)
   views = [jnp.reshape(s, spec.view_shape(s.shape)) for s, spec in zip(scores, specs)]
   reduce_axes = []
   for v, spec in zip(views, specs):
@@ -126,12 +157,11 @@ def select_blocks(
   if not views:
     return []
   args = (views, reduce_axes, ks, init_counts, global_block)
-  count = lambda *a: _count_search(*a, radix_bits=radix_bits)
-  # Several devices: the operands may be sharded, and counting then communicates far less
-  # (scatters into a replicated histogram also cannot take explicitly sharded operands).
-  if method == "count" or (method == "auto" and jax.device_count() > 1):
+  count = lambda *a: _count_search(*a, radix_bits=radix_bits)  # noqa: E731
+  search = resolve_method(method)
+  if search == "count":
     prefixes, counts = count(*args)
-  elif method == "histogram":
+  elif search == "histogram":
     prefixes, counts = _histogram_search(*args)
   else:
     # Only the branch of the platform compiled for is lowered.
@@ -287,7 +317,7 @@ def top_fraction_mask(
   *,
   partition: _partition.Partition = None,
   radix_bits: int = 4,
-  method: str = "auto",
+  method: Method = "auto",
 ) -> Any:
   r"""Marks, in every block, the entries whose magnitude is among the top ``fraction``.
 
