@@ -4,6 +4,7 @@ MoFO (Chen et al., arXiv 2407.20999) fine-tunes with Adam but moves, in every pa
 only the entries of largest momentum magnitude, so the model forgets less of what it knew.
 """
 
+from mofo_jax._counts import value as count_value
 from mofo_jax._local import LocalSelection
 from mofo_jax._local import local_selection
 from mofo_jax._partition import BlockSpec
@@ -28,6 +29,7 @@ __all__ = [
   "LocalSelection",
   "MoFOTelemetry",
   "ScaleByMoFOState",
+  "count_value",
   "keep_top_fraction",
   "local_selection",
   "mofo",

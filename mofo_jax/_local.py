@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mofo_jax import _counts
 from mofo_jax import _partition
 from mofo_jax import _selection
 from mofo_jax import _sharding
@@ -149,7 +150,7 @@ def select_local(
     )
   idx = [i for i, f in enumerate(filtered) if f]
   masks: list[jax.Array | None] = [None] * len(scores)
-  kept = [jnp.asarray(math.prod(s.shape), jnp.int32) for s in scores]
+  kept = [_counts.to_array(_counts.constant(math.prod(s.shape))) for s in scores]
   thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
   if not idx:
     return masks, kept, thresholds
@@ -186,5 +187,6 @@ def select_local(
   for i, m, t in zip(idx, shard_masks, shard_thresholds):
     masks[i] = m
     thresholds[i] = t
-    kept[i] = jnp.sum(m, dtype=jnp.int32)  # one scalar all-reduce: telemetry only
+    # one all-reduce of two scalars: telemetry only
+    kept[i] = _counts.to_array(_counts.count_true(m, tuple(range(m.ndim)), keepdims=False))
   return masks, kept, thresholds

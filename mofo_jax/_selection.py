@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mofo_jax import _counts
 from mofo_jax import _partition
 from mofo_jax import _sharding
 
@@ -71,7 +72,7 @@ class BlockSelection(NamedTuple):
   """The result of a selection for one leaf."""
 
   threshold: jax.Array  # float32, the leaf's BlockSpec.block_shape: k-th largest |score|
-  num_selected: jax.Array  # int32, same shape: entries with |score| >= threshold, per block
+  num_selected: _counts.Count  # two int32 limbs, same shape: entries >= threshold, per block
 
 
 def score_keys(scores: jax.Array) -> jax.Array:
@@ -136,43 +137,53 @@ def select_blocks(
   if global_block:
     if any(spec != _partition.PER_LEAF for spec in specs):
       raise ValueError("partition='global' ranks whole leaves: BlockSpecs cannot also apply.")
-    total = sum(v.size for v in views)
-    ks = [num_to_select(fraction, total)] * len(views)
+    sizes = [sum(v.size for v in views)] * len(views)
   else:
-    ks = [num_to_select(fraction, spec.block_size(v.shape)) for v, spec in zip(views, specs)]
-
+    sizes = [spec.block_size(v.shape) for v, spec in zip(views, specs)]
+  if not views:
+    return []
   # Under Explicit sharding the search's carry must start sharded like the per-block counts
   # come back.
   carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
-  if global_block:
-    init_counts = [
-      jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
-      for bs, sh in zip(block_shapes, carry_shardings)
-    ]
-  else:
-    init_counts = [
-      jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
-      for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)
-    ]
-  if not views:
-    return []
-  args = (views, reduce_axes, ks, init_counts, global_block)
-  count = lambda *a: _count_search(*a, radix_bits=radix_bits)  # noqa: E731
   search = resolve_method(method)
+  if max(sizes) >= _counts.INT32_LIMIT:
+    search = "count"  # histograms count in int32
+  if search != "count":
+    # Blocks under 2**31 entries: int32 counts, made Counts at the end.
+    init = [
+      jnp.full(bs, n, jnp.int32, out_sharding=sh)
+      for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
+    ]
+    ks = [num_to_select(fraction, n) for n in sizes]
+
+    def histogram(v):
+      prefixes, counts = _histogram_search(v, reduce_axes, ks, init, global_block)
+      return prefixes, [_counts.split(c) for c in counts]
+
+  if search == "count" or search == "by_platform":
+    wide_init = [
+      _counts.constant(n, bs, sh) for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
+    ]
+    wide_ks = [_counts.num_to_select(fraction, n) for n in sizes]
+
+    def count(v):
+      return _count_search(v, reduce_axes, wide_ks, wide_init, global_block, radix_bits=radix_bits)
+
   if search == "count":
-    prefixes, counts = count(*args)
+    prefixes, counts = count(views)
   elif search == "histogram":
-    prefixes, counts = _histogram_search(*args)
+    prefixes, counts = histogram(views)
   else:
     # Only the branch of the platform compiled for is lowered.
-    prefixes, counts = lax.platform_dependent(
-      views, cpu=lambda v: _histogram_search(v, *args[1:]), default=lambda v: count(v, *args[1:])
-    )
+    prefixes, counts = lax.platform_dependent(views, cpu=histogram, default=count)
   return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
 
 
 def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bits):
-  """Fixes ``radix_bits`` bits per pass by counting entries at or above each candidate."""
+  """Fixes ``radix_bits`` bits per pass by counting entries at or above each candidate.
+
+  Counts are :class:`mofo_jax._counts.Count` s, exact past 2**31 entries.
+  """
   num_digits = 1 << radix_bits
   digits = jnp.arange(1, num_digits, dtype=jnp.uint32)
 
@@ -181,29 +192,38 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
     # is a plain reduction, so XLA fuses key computation, comparison and sum into one pass.
     cands = prefix[..., None] | (digits << shift)
     keys = score_keys(view)[..., None]
-    return jnp.sum(keys >= cands, axis=axes, dtype=jnp.int32, keepdims=True)
+    return _counts.count_true(keys >= cands, axes)
 
   def body(i, carry):
     prefixes, counts = carry
     shift = jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32)
     per_leaf = [counts_at(v, p, shift, ax) for v, p, ax in zip(views, prefixes, reduce_axes)]
     if global_block:
-      total_counts = sum(c.reshape(-1, num_digits - 1).sum(0, dtype=jnp.int32) for c in per_leaf)
-      per_leaf = [jnp.broadcast_to(total_counts, c.shape) for c in per_leaf]
+      flat = [
+        _counts.sum_counts(_counts.Count(*(a.reshape(-1, num_digits - 1) for a in c)), 0)
+        for c in per_leaf
+      ]
+      total = flat[0]
+      for c in flat[1:]:
+        total = _counts.add(total, c)
+      per_leaf = [
+        _counts.Count(*(jnp.broadcast_to(a, c.hi.shape) for a in total)) for c in per_leaf
+      ]
     new_prefixes, new_counts = [], []
     for p, c, cnt, k in zip(prefixes, counts, per_leaf, ks):
       # Counts fall as the candidate grows, so the digit is how many candidates keep >= k.
-      ok = cnt >= k
+      ok = _counts.greater_equal(cnt, k)
       digit = jnp.sum(ok, axis=-1, dtype=jnp.uint32)
       new_prefixes.append(p | (digit << shift))
-      reached = jnp.take_along_axis(
-        cnt, jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None], axis=-1
-      )[..., 0]
-      new_counts.append(jnp.where(digit > 0, reached, c))
+      pick = jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None]
+      reached = [jnp.take_along_axis(a, pick, axis=-1)[..., 0] for a in cnt]
+      new_counts.append(
+        _counts.Count(*(jnp.where(digit > 0, r, old) for r, old in zip(reached, c)))
+      )
     return new_prefixes, new_counts
 
   # zeros_like keeps the counts' sharding, which an Explicit-sharded carry must match.
-  init_prefixes = [jnp.zeros_like(c, jnp.uint32) for c in init_counts]
+  init_prefixes = [jnp.zeros_like(c.hi, jnp.uint32) for c in init_counts]
   return lax.fori_loop(0, _KEY_BITS // radix_bits, body, (init_prefixes, init_counts))
 
 

@@ -12,6 +12,7 @@ import optax
 from jax import lax
 
 from mofo_jax import _approx
+from mofo_jax import _counts
 from mofo_jax import _local
 from mofo_jax import _partition
 from mofo_jax import _selection
@@ -221,17 +222,17 @@ def _select(
     sels = _selection.select_blocks(*args, global_block=is_global)
     taus, counts = [s.threshold for s in sels], [s.num_selected for s in sels]
   masks: list[jax.Array | None] = [None] * len(scores)
-  kept = [jnp.asarray(np.size(s), jnp.int32) for s in scores]
+  kept = [_counts.to_array(_counts.constant(np.size(s))) for s in scores]
   thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
   for j, (i, tau) in enumerate(zip(idx, taus)):
     masks[i] = _selection.block_mask(scores[i], specs[i], tau)
     thresholds[i] = tau
     # Global blocks carry the tree-wide count in every leaf, and approx has no count: count
     # this leaf's own entries.
-    kept[i] = (
-      jnp.sum(masks[i], dtype=jnp.int32)
+    kept[i] = _counts.to_array(
+      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
       if counts is None or is_global
-      else jnp.sum(counts[j], dtype=jnp.int32)
+      else _counts.total(counts[j], np.size(scores[i]))
     )
   return masks, kept, thresholds
 
@@ -400,10 +401,10 @@ def scale_by_mofo(
         if f:
           mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
           masks.append(mask)
-          kept.append(jnp.sum(mask, dtype=jnp.int32))
+          kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
         else:
           masks.append(None)
-          kept.append(jnp.asarray(u.size, jnp.int32))
+          kept.append(_counts.to_array(_counts.constant(u.size)))
       thresholds = _zero_thresholds(directions, filtered, specs, selection)
     else:
       masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
