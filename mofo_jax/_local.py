@@ -27,8 +27,14 @@ class LocalSelection(NamedTuple):
   and specs read from the arrays' types (Explicit mesh axes).
   """
 
-  mesh: Any  # jax.sharding.Mesh or AbstractMesh
-  specs: Any  # the params' pytree with a PartitionSpec or NamedSharding per leaf
+  mesh: Any = None  # jax.sharding.Mesh or AbstractMesh; None: read from the arrays' types
+  specs: Any = None  # the params' pytree with a PartitionSpec or NamedSharding per leaf
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return initial_thresholds(leaves, filtered, specs, self)
+
+  def select(self, scores, filtered, specs, is_global, fraction):
+    return select_local(scores, filtered, specs, is_global, fraction, self)
 
 
 def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
@@ -42,7 +48,7 @@ def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
   default costs ``(2**radix_bits - 1) * 4`` bytes of all-reduce per block per pass, which is
   rarely worth avoiding; use this to reproduce ZeRO runs.
 
-  Blocks are cut as usual by ``BlockSpec.axes`` within each shard; ``BlockSpec.reshape`` and
+  Blocks are cut as usual by ``BlockSpec.split_axes`` within each shard; ``BlockSpec.reshape`` and
   ``partition="global"`` are not supported. The telemetry threshold of a leaf holds one
   threshold per shard: along a ranked axis split over n devices it has n entries.
 
@@ -58,15 +64,9 @@ def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
   return LocalSelection(mesh, specs)
 
 
-def is_local(selection: Any) -> bool:
-  return isinstance(selection, LocalSelection) or (
-    isinstance(selection, str) and selection == "local"
-  )
-
-
 def _layout(selection: Any, leaves: Sequence[Any]) -> tuple[Any, list[PartitionSpec]]:
   """The mesh and one PartitionSpec per leaf, from a LocalSelection or the leaves' types."""
-  if isinstance(selection, LocalSelection):
+  if selection.mesh is not None:
     flat = jax.tree.leaves(
       selection.specs, is_leaf=lambda s: isinstance(s, (PartitionSpec, NamedSharding))
     )

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+import dataclasses
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mofo_jax import _counts
@@ -381,3 +383,117 @@ def top_fraction_mask(
   )
   masks = [block_mask(s, sp, sel.threshold) for s, sp, sel in zip(leaves, spec_leaves, sels)]
   return treedef.unflatten(masks)
+
+
+class Selection(Protocol):
+  """How thresholds are found: the interface behind ``selection=`` of every MoFO transform.
+
+  :class:`ExactSelection`, :class:`mofo_jax.ApproxSelection` and :class:`mofo_jax.LocalSelection`
+  implement it; the strings ``"exact"``, ``"approx"`` and ``"local"`` are shortcuts for their
+  defaults.
+  """
+
+  def initial_thresholds(
+    self, leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec]
+  ) -> list[jax.Array]:
+    """Telemetry thresholds before the first step, typed (shape, sharding) as ``select``'s."""
+    ...
+
+  def select(
+    self,
+    scores: list[jax.Array],
+    filtered: list[bool],
+    specs: list[_partition.BlockSpec],
+    is_global: bool,
+    fraction: Any,
+  ) -> tuple[list[jax.Array | None], list[jax.Array], list[jax.Array]]:
+    """Per leaf: the mask (None for dense leaves), the entries kept (``int32[2]`` count limbs)
+    and the thresholds."""
+    ...
+
+
+def zero_thresholds(
+  leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec]
+) -> list[jax.Array]:
+  """Zero thresholds shaped, and under Explicit mesh axes sharded, as the blocks' thresholds
+  (``[]`` for dense leaves), so the state's type never changes."""
+  return [
+    jnp.zeros(
+      sp.block_shape(np.shape(x)), jnp.float32, out_sharding=_sharding.block_sharding(x, sp)
+    )
+    if f
+    else jnp.zeros((), jnp.float32)
+    for x, f, sp in zip(leaves, filtered, specs)
+  ]
+
+
+def masks_from_thresholds(
+  scores: list[jax.Array],
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  taus: list[jax.Array],
+  counts: list[_counts.Count] | None,
+  is_global: bool,
+) -> tuple[list[jax.Array | None], list[jax.Array], list[jax.Array]]:
+  """Masks, entries kept and thresholds per leaf, from the filtered leaves' thresholds (and
+  per-block counts, when the search gives them)."""
+  idx = [i for i, f in enumerate(filtered) if f]
+  masks: list[jax.Array | None] = [None] * len(scores)
+  kept = [_counts.to_array(_counts.constant(np.size(s))) for s in scores]
+  thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
+  for j, (i, tau) in enumerate(zip(idx, taus)):
+    masks[i] = block_mask(scores[i], specs[i], tau)
+    thresholds[i] = tau
+    # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
+    # count: count this leaf's own entries.
+    kept[i] = _counts.to_array(
+      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
+      if counts is None or is_global
+      else _counts.total(counts[j], np.size(scores[i]))
+    )
+  return masks, kept, thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSelection:
+  """``selection=``: the exact k-th largest ``|score|`` of every block, by counting.
+
+  Attributes:
+    method: ``"auto"``, ``"count"`` or ``"histogram"`` (see :func:`select_blocks` and
+      :func:`resolve_method`).
+    radix_bits: bits of the threshold fixed per counting pass (1, 2, 4 or 8).
+
+  Example:
+    >>> import mofo_jax
+    >>> opt = mofo_jax.mofo(1e-3, selection=mofo_jax.ExactSelection(method="count", radix_bits=8))
+  """
+
+  method: Method = "auto"
+  radix_bits: int = 4
+
+  def __post_init__(self):
+    resolve_method(self.method, num_devices=1)
+    if self.radix_bits not in (1, 2, 4, 8):
+      raise ValueError(f"radix_bits={self.radix_bits} must be 1, 2, 4 or 8.")
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return zero_thresholds(leaves, filtered, specs)
+
+  def select(self, scores, filtered, specs, is_global, fraction):
+    idx = [i for i, f in enumerate(filtered) if f]
+    sels = select_blocks(
+      [scores[i] for i in idx],
+      [specs[i] for i in idx],
+      fraction,
+      global_block=is_global,
+      radix_bits=self.radix_bits,
+      method=self.method,
+    )
+    return masks_from_thresholds(
+      scores,
+      filtered,
+      specs,
+      [s.threshold for s in sels],
+      [s.num_selected for s in sels],
+      is_global,
+    )

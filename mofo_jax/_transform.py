@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ FilterMask = Union[None, Any, Callable[[Any], Any]]
 
 SCORES = ("momentum", "gradient", "update", "random")
 SELECTIONS = ("exact", "approx", "local")
+SelectionLike = Union[Literal["exact", "approx", "local"], _selection.Selection]
 
 
 class ScaleByMoFOState(NamedTuple):
@@ -141,29 +142,15 @@ def _block_specs(
   return is_global, spec_leaves
 
 
-def _zero_thresholds(
-  leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
-) -> list[jax.Array]:
-  """Telemetry thresholds before a selection, with the shape (and, under Explicit mesh axes,
-  the sharding) the selection gives them, so the state's type never changes."""
-  if _local.is_local(selection):
-    return _local.initial_thresholds(leaves, filtered, specs, selection)
-  return [
-    jnp.zeros(
-      sp.block_shape(np.shape(x)), jnp.float32, out_sharding=_sharding.block_sharding(x, sp)
-    )
-    if f
-    else jnp.zeros((), jnp.float32)
-    for x, f, sp in zip(leaves, filtered, specs)
-  ]
-
-
 def _init_telemetry(
-  tree: Any, filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
+  tree: Any,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  selection: _selection.Selection,
 ) -> _telemetry.MoFOTelemetry:
   leaves, treedef = jax.tree.flatten(tree)
   return _telemetry.init_telemetry(
-    tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection))
+    tree, treedef.unflatten(selection.initial_thresholds(leaves, filtered, specs))
   )
 
 
@@ -198,43 +185,25 @@ def _materialised(
   return lax.fori_loop(0, trips, lambda i, c: fn(), list(init))
 
 
-def _check_selection(selection: Any) -> None:
-  if not isinstance(selection, _local.LocalSelection) and selection not in SELECTIONS:
-    raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}.")
-
-
-def _select(
-  scores: list[jax.Array],
-  filtered: list[bool],
-  specs: list[_partition.BlockSpec],
-  is_global: bool,
-  fraction: Any,
-  selection: Any,
-):
-  """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
-  if _local.is_local(selection):
-    return _local.select_local(scores, filtered, specs, is_global, fraction, selection)
-  idx = [i for i, f in enumerate(filtered) if f]
-  args = ([scores[i] for i in idx], [specs[i] for i in idx], fraction)
-  if selection == "approx":
-    taus, counts = _approx.sampled_thresholds(*args, global_block=is_global), None
-  else:
-    sels = _selection.select_blocks(*args, global_block=is_global)
-    taus, counts = [s.threshold for s in sels], [s.num_selected for s in sels]
-  masks: list[jax.Array | None] = [None] * len(scores)
-  kept = [_counts.to_array(_counts.constant(np.size(s))) for s in scores]
-  thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
-  for j, (i, tau) in enumerate(zip(idx, taus)):
-    masks[i] = _selection.block_mask(scores[i], specs[i], tau)
-    thresholds[i] = tau
-    # Global blocks carry the tree-wide count in every leaf, and approx has no count: count
-    # this leaf's own entries.
-    kept[i] = _counts.to_array(
-      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
-      if counts is None or is_global
-      else _counts.total(counts[j], np.size(scores[i]))
-    )
-  return masks, kept, thresholds
+def resolve_selection(selection: SelectionLike) -> _selection.Selection:
+  """The selection object for ``selection=``: ``"exact"``, ``"approx"`` and ``"local"`` are
+  shortcuts for ``ExactSelection()``, ``ApproxSelection()`` and ``LocalSelection()``."""
+  if isinstance(selection, str):
+    shortcuts = {
+      "exact": _selection.ExactSelection,
+      "approx": _approx.ApproxSelection,
+      "local": _local.LocalSelection,
+    }
+    if selection in shortcuts:
+      return shortcuts[selection]()
+  elif callable(getattr(selection, "select", None)) and callable(
+    getattr(selection, "initial_thresholds", None)
+  ):
+    return selection
+  raise ValueError(
+    f"selection={selection!r} must be one of {SELECTIONS} or a selection object "
+    "(mofo_jax.ExactSelection, ApproxSelection or local_selection(mesh, specs))."
+  )
 
 
 def scale_by_mofo(
@@ -249,7 +218,7 @@ def scale_by_mofo(
   mu_dtype: Any = None,
   nu_dtype: Any = None,
   seed: int = 0,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
 
@@ -289,14 +258,16 @@ def scale_by_mofo(
     mu_dtype: dtype of the first moment; default float32.
     nu_dtype: dtype of the second moment; default float32.
     seed: seed of the random masks of ``score="random"``.
-    selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting;
-      on sharded leaves this costs small all-reduces of counts); ``"approx"``: the k-th largest
-      of a fixed random sample of each block (65536 entries per leaf of 1M entries or more,
-      1/16 of smaller leaves, at least 4096; the whole block if smaller), so no search runs
-      over the parameters, and the fraction kept deviates from ``fraction`` by sampling noise
-      (about +-0.0012 at 0.1 with 65536 samples; the telemetry reports the entries actually
-      updated); or per shard with no communication, which is not the paper's MoFO (see
-      :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh, specs)``, or
+    selection: how thresholds are found, a :class:`mofo_jax.Selection` or a shortcut:
+      ``"exact"`` = :class:`mofo_jax.ExactSelection` ``()``, the k-th largest per block by
+      counting (on sharded leaves this costs small all-reduces of counts; its ``method`` and
+      ``radix_bits`` are set on the object); ``"approx"`` = :class:`mofo_jax.ApproxSelection`
+      ``()``, the k-th largest of a fixed random sample of each block (65536 entries per leaf of
+      1M entries or more, 1/16 of smaller leaves, at least 4096; at least 1024 per block of a
+      split leaf; the whole block if smaller), so no search runs over the parameters, and the
+      fraction kept is within 0.01 of the exact selection's (the telemetry reports the entries
+      actually updated); or per shard with no communication, which is not the paper's MoFO
+      (see :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh, specs)``, or
       ``"local"`` to read the mesh and specs from the arrays' types under Explicit mesh axes.
 
   Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
@@ -323,7 +294,7 @@ def scale_by_mofo(
   """
   if score not in SCORES:
     raise ValueError(f"score={score!r} must be one of {SCORES}.")
-  _check_selection(selection)
+  selection = resolve_selection(selection)
   fraction_at = _fraction_fn(fraction)
   mu_dtype = _moment_dtype(mu_dtype, "mu_dtype")
   nu_dtype = _moment_dtype(nu_dtype, "nu_dtype")
@@ -405,9 +376,9 @@ def scale_by_mofo(
         else:
           masks.append(None)
           kept.append(_counts.to_array(_counts.constant(u.size)))
-      thresholds = _zero_thresholds(directions, filtered, specs, selection)
+      thresholds = selection.initial_thresholds(directions, filtered, specs)
     else:
-      masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
+      masks, kept, thresholds = selection.select(scores, filtered, specs, is_global, frac)
     masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
 
     new_updates = [
@@ -429,7 +400,7 @@ def keep_top_fraction(
   *,
   filter_mask: FilterMask = None,
   partition: _partition.Partition = None,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
 
@@ -460,7 +431,7 @@ def keep_top_fraction(
     Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
     Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
   """
-  _check_selection(selection)
+  selection = resolve_selection(selection)
   fraction_at = _fraction_fn(fraction)
 
   def init_fn(params):
@@ -482,7 +453,7 @@ def keep_top_fraction(
       for j, x in zip(idx, _materialised(lambda: [leaves[i] for i in idx], state.count)):
         leaves[j] = x
     frac = fraction_at(state.count)
-    masks, kept, thresholds = _select(leaves, filtered, specs, is_global, frac, selection)
+    masks, kept, thresholds = selection.select(leaves, filtered, specs, is_global, frac)
     masks, kept, leaves = _guard_fraction(frac, masks, kept, leaves)
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
     telemetry = state.telemetry._replace(
@@ -510,7 +481,7 @@ def mofo(
   mu_dtype: Any = None,
   nu_dtype: Any = None,
   seed: int = 0,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
 

@@ -36,7 +36,7 @@ def test_blocks_smaller_than_the_sample_are_exact():
   rng = np.random.default_rng(2)
   params = {"w": jnp.asarray(rng.normal(size=(8, 96)), jnp.float32)}
   grads = {"w": jnp.asarray(rng.normal(size=(8, 96)), jnp.float32)}
-  spec = mofo_jax.BlockSpec(axes=(0,))
+  spec = mofo_jax.BlockSpec(split_axes=(0,))
   outs = []
   for selection in ("exact", "approx"):
     opt = mofo_jax.scale_by_mofo(0.1, partition=spec, selection=selection)
@@ -46,7 +46,7 @@ def test_blocks_smaller_than_the_sample_are_exact():
   np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("partition", ["global", mofo_jax.BlockSpec(axes=(0,))])
+@pytest.mark.parametrize("partition", ["global", mofo_jax.BlockSpec(split_axes=(0,))])
 def test_global_and_per_row_blocks(partition):
   params = _big_tree()
   opt = mofo_jax.mofo(1e-3, 0.1, partition=partition, selection="approx")
@@ -94,10 +94,10 @@ TOLERANCE = 0.01
 @pytest.mark.parametrize(
   "shape,partition",
   [
-    ((8192, 64), mofo_jax.BlockSpec(axes=(0,))),  # tiny rows: ranked whole
-    ((256, 8192), mofo_jax.BlockSpec(axes=(0,))),  # long rows: 1024 samples each
-    ((4, 512, 512), mofo_jax.BlockSpec(axes=(0,))),  # layers of a stack
-    ((512, 1024), mofo_jax.BlockSpec(reshape=(512, 16, 64), axes=(1,))),  # heads
+    ((8192, 64), mofo_jax.BlockSpec(split_axes=(0,))),  # tiny rows: ranked whole
+    ((256, 8192), mofo_jax.BlockSpec(split_axes=(0,))),  # long rows: 1024 samples each
+    ((4, 512, 512), mofo_jax.BlockSpec(split_axes=(0,))),  # layers of a stack
+    ((512, 1024), mofo_jax.BlockSpec(reshape=(512, 16, 64), split_axes=(1,))),  # heads
     ((1024, 1024), "leaf"),
     ((1024, 1024), "global"),
   ],

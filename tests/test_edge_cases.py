@@ -22,7 +22,7 @@ def _grads(seed=1):
   return {"w": jnp.asarray(rng.normal(size=(8, 12)), jnp.float32), "b": jnp.ones(3)}
 
 
-@pytest.mark.parametrize("partition", ["global", "leaf", mofo_jax.BlockSpec(axes=(0,))])
+@pytest.mark.parametrize("partition", ["global", "leaf", mofo_jax.BlockSpec(split_axes=(0,))])
 @pytest.mark.parametrize("method", ["count", "histogram"])
 def test_x64_traces_and_matches_the_reference(partition, method):
   """Defect 2: under x64 the search's carry must keep its dtype."""
@@ -54,7 +54,7 @@ def test_float64_moments_are_computed_in_float64():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("partition", ["leaf", "global", mofo_jax.BlockSpec(axes=(0,))])
+@pytest.mark.parametrize("partition", ["leaf", "global", mofo_jax.BlockSpec(split_axes=(0,))])
 def test_approx_on_an_explicit_mesh_equals_unsharded(partition):
   """Defect 3: approx must trace under Explicit axes, and shard nothing differently."""
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
   import jax, jax.numpy as jnp, numpy as np, optax, mofo_jax
   from tests import reference
   x = jnp.asarray(np.random.default_rng(3).normal(size=(64, 96)), jnp.float32)
-  spec = mofo_jax.BlockSpec(axes=(0,))
+  spec = mofo_jax.BlockSpec(split_axes=(0,))
   auto = jax.jit(lambda s: mofo_jax.top_fraction_mask(s, 0.1, partition=spec))
   hlo = auto.lower(x).compile().as_text()
   params = {"w": x, "b": jnp.zeros(3)}
