@@ -154,15 +154,7 @@ def _init_telemetry(
   )
 
 
-def _explicit_sharding(x: Any) -> Any:
-  """``x``'s sharding where it is part of its type (Explicit mesh axes), else None."""
-  sharding = getattr(x, "sharding", None)
-  return sharding if _sharding.is_explicit(getattr(sharding, "mesh", None)) else None
-
-
-def _materialised(
-  fn: Callable[[], list[jax.Array]], step: jax.Array, init: list[jax.Array] | None = None
-) -> list[jax.Array]:
+def _materialised(fn: Callable[[], list[jax.Array]], step: jax.Array) -> list[jax.Array]:
   """``fn()``, computed once into buffers that every later consumer reads.
 
   The search for a threshold and the mask compared with it both read the scores. Were the scores
@@ -171,18 +163,13 @@ def _materialised(
   disagree with the threshold and with the count reported (measured on XLA:CPU: the k-th entry
   dropped on ~10% of steps of a program that does not output the new state).
   ``lax.optimization_barrier`` does not prevent this: XLA:CPU removes barriers before fusion.
-  The results of a ``while`` loop are buffers on every backend and no fusion reaches into a loop
-  body, so ``fn`` runs as the body of a loop whose trip count, 1, depends on ``step`` (never
-  negative: counts saturate), which the compiler cannot know and so cannot unroll away. ``init``
-  (zeros by default) is what 0 trips would return; the previous moment serves for the new one,
-  so a donated state is updated in place.
+  The operands and results of a ``while`` loop are buffers on every backend, and no fusion
+  reaches through a loop, so ``fn()`` is passed through one whose trip count is 0 at run time
+  (``step`` is never negative: counts saturate) but unknown to the compiler, which therefore
+  keeps it. Were it run, its body would compute the same ``fn()``.
   """
-  if init is None:
-    init = [
-      jnp.zeros(x.shape, x.dtype, out_sharding=_explicit_sharding(x)) for x in jax.eval_shape(fn)
-    ]
-  trips = jnp.where(step >= 0, 1, 0).astype(jnp.int32)
-  return lax.fori_loop(0, trips, lambda i, c: fn(), list(init))
+  trips = (step < 0).astype(jnp.int32)
+  return lax.fori_loop(0, trips, lambda i, c: fn(), fn())
 
 
 def resolve_selection(selection: SelectionLike) -> _selection.Selection:
@@ -344,11 +331,7 @@ def scale_by_mofo(
     mus = [None if f else first_moment(g, mu) for g, mu, f in zip(leaves, old_mus, filtered)]
     if score == "momentum" and idx:
       # The search, the mask, the direction and the new state all read one materialised m.
-      new = _materialised(
-        lambda: [first_moment(leaves[i], old_mus[i]) for i in idx],
-        state.count,
-        [old_mus[i] for i in idx],
-      )
+      new = _materialised(lambda: [first_moment(leaves[i], old_mus[i]) for i in idx], state.count)
       for i, m in zip(idx, new):
         mus[i] = m
     else:

@@ -105,7 +105,7 @@ def test_dtypes_are_kept(name, dtype):
   opt = _opt(name)
   params = _params(dtype)
   grads = jax.grad(_loss)(params)
-  updates, state = jax.jit(opt.update)(grads, opt.init(params), params)
+  updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   assert bool(jnp.isfinite(updates["w"].astype(jnp.float32)).all())
   assert int((updates["w"] != 0).sum()) > 0
