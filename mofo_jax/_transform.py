@@ -16,7 +16,6 @@ from mofo_jax import _counts
 from mofo_jax import _local
 from mofo_jax import _partition
 from mofo_jax import _selection
-from mofo_jax import _sharding
 from mofo_jax import _telemetry
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
