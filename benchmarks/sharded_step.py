@@ -61,7 +61,7 @@ def main():
       0.1,
       partition={
         "embed": mofo_jax.BlockSpec(),
-        "stack": mofo_jax.BlockSpec(axes=(0,)),
+        "stack": mofo_jax.BlockSpec(split_axes=(0,)),
         "head": mofo_jax.BlockSpec(),
         "norm": mofo_jax.BlockSpec(),
       },
