@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
@@ -371,3 +371,14 @@ def test_state_shardings_rejects_params_partly_on_a_mesh():
   mixed = {**sm.abstract(shards), "bias": np.zeros(sm.SHAPES["bias"], np.float32)}
   with pytest.raises(TypeError, match=r"params\['bias'\] \(ndarray\) has no NamedSharding"):
     mofo_jax.state_shardings(_mofo(), mixed)
+
+
+def test_state_shardings_replicate_counts_shaped_like_a_sharded_vector():
+  # Telemetry counts are int32[2] limbs; a vector param sharded over a mesh axis of size 2 must
+  # not lend them its sharding (only float per-block thresholds follow their param).
+  mesh = sm.mesh("2d")
+  shards = {**sm.shardings("2d", mesh), "bias": NamedSharding(mesh, P("fsdp"))}
+  opt = mofo_jax.mofo(1e-2, FRACTION, filter_mask={k: k in ("bias", "kernel") for k in sm.SHAPES})
+  telemetry = mofo_jax.state_shardings(opt, sm.abstract(shards))[0].telemetry
+  assert telemetry.num_updated["bias"].spec == telemetry.num_entries["bias"].spec == P()
+  assert telemetry.threshold["bias"].spec == P(None)
