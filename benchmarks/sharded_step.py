@@ -9,19 +9,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse
+import sys
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mofo_jax  # noqa: E402
-from tests.sharded_model import collectives  # noqa: E402
+import mofo_jax
+from tests.sharded_model import collectives
 
 
 def main():
@@ -60,7 +61,7 @@ def main():
       0.1,
       partition={
         "embed": mofo_jax.BlockSpec(),
-        "stack": mofo_jax.BlockSpec(axes=(0,)),
+        "stack": mofo_jax.BlockSpec(split_axes=(0,)),
         "head": mofo_jax.BlockSpec(),
         "norm": mofo_jax.BlockSpec(),
       },

@@ -43,12 +43,12 @@ def main():
     h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["layers"])
     return jnp.mean((h @ p["w_out"] + p["b_out"] - y) ** 2)
 
-  # One block per layer of the stack (BlockSpec(axes=(0,))), as if the layers were separate.
+  # One block per layer of the stack (BlockSpec(split_axes=(0,))), as if the layers were separate.
   opt = mofo_jax.mofo(
     1e-2,
     fraction=0.1,
     partition=lambda p: jax.tree.map(
-      lambda w: mofo_jax.BlockSpec(axes=(0,)) if w.ndim == 3 else mofo_jax.BlockSpec(), p
+      lambda w: mofo_jax.BlockSpec(split_axes=(0,)) if w.ndim == 3 else mofo_jax.BlockSpec(), p
     ),
   )
   abstract = jax.tree.map(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mofo_jax import _counts
 from mofo_jax import _partition
 from mofo_jax import _selection
 from mofo_jax import _sharding
@@ -26,8 +27,14 @@ class LocalSelection(NamedTuple):
   and specs read from the arrays' types (Explicit mesh axes).
   """
 
-  mesh: Any  # jax.sharding.Mesh or AbstractMesh
-  specs: Any  # the params' pytree with a PartitionSpec or NamedSharding per leaf
+  mesh: Any = None  # jax.sharding.Mesh or AbstractMesh; None: read from the arrays' types
+  specs: Any = None  # the params' pytree with a PartitionSpec or NamedSharding per leaf
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return initial_thresholds(leaves, filtered, specs, self)
+
+  def select(self, scores, filtered, specs, is_global, fraction):
+    return select_local(scores, filtered, specs, is_global, fraction, self)
 
 
 def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
@@ -41,7 +48,7 @@ def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
   default costs ``(2**radix_bits - 1) * 4`` bytes of all-reduce per block per pass, which is
   rarely worth avoiding; use this to reproduce ZeRO runs.
 
-  Blocks are cut as usual by ``BlockSpec.axes`` within each shard; ``BlockSpec.reshape`` and
+  Blocks are cut as usual by ``BlockSpec.split_axes`` within each shard; ``BlockSpec.reshape`` and
   ``partition="global"`` are not supported. The telemetry threshold of a leaf holds one
   threshold per shard: along a ranked axis split over n devices it has n entries.
 
@@ -57,15 +64,9 @@ def local_selection(mesh: jax.sharding.Mesh, specs: Any) -> LocalSelection:
   return LocalSelection(mesh, specs)
 
 
-def is_local(selection: Any) -> bool:
-  return isinstance(selection, LocalSelection) or (
-    isinstance(selection, str) and selection == "local"
-  )
-
-
 def _layout(selection: Any, leaves: Sequence[Any]) -> tuple[Any, list[PartitionSpec]]:
   """The mesh and one PartitionSpec per leaf, from a LocalSelection or the leaves' types."""
-  if isinstance(selection, LocalSelection):
+  if selection.mesh is not None:
     flat = jax.tree.leaves(
       selection.specs, is_leaf=lambda s: isinstance(s, (PartitionSpec, NamedSharding))
     )
@@ -149,7 +150,7 @@ def select_local(
     )
   idx = [i for i, f in enumerate(filtered) if f]
   masks: list[jax.Array | None] = [None] * len(scores)
-  kept = [jnp.asarray(math.prod(s.shape), jnp.int32) for s in scores]
+  kept = [_counts.to_array(_counts.constant(math.prod(s.shape))) for s in scores]
   thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
   if not idx:
     return masks, kept, thresholds
@@ -186,5 +187,6 @@ def select_local(
   for i, m, t in zip(idx, shard_masks, shard_thresholds):
     masks[i] = m
     thresholds[i] = t
-    kept[i] = jnp.sum(m, dtype=jnp.int32)  # one scalar all-reduce: telemetry only
+    # one all-reduce of two scalars: telemetry only
+    kept[i] = _counts.to_array(_counts.count_true(m, tuple(range(m.ndim)), keepdims=False))
   return masks, kept, thresholds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -15,32 +16,38 @@ class BlockSpec:
   """How one leaf is split into top-k blocks.
 
   A leaf (optionally viewed through ``reshape`` first, which must keep its size and costs
-  nothing for row-major splits of an axis) is cut along ``axes``: every index along those axes is
-  its own block, and the top-k is taken over all the remaining axes.
+  nothing for row-major splits of an axis) is split along ``split_axes``: every index along
+  those axes is a block of its own (with its own threshold), and the top-k of a block is taken
+  over all the remaining axes.
 
   * ``BlockSpec()``: the whole leaf is one block (the paper's default).
-  * ``BlockSpec(axes=(0,))``: each layer of a stacked ``[layers, d_in, d_out]`` leaf.
-  * ``BlockSpec(axes=(0,))`` on a ``[d_in, d_out]`` kernel: each row.
-  * ``BlockSpec(reshape=(d, heads, head_dim), axes=(1,))`` on a ``[d, heads * head_dim]``
+  * ``BlockSpec(split_axes=(0,))``: each layer of a stacked ``[layers, d_in, d_out]`` leaf.
+  * ``BlockSpec(split_axes=(0,))`` on a ``[d_in, d_out]`` kernel: each row.
+  * ``BlockSpec(reshape=(d, heads, head_dim), split_axes=(1,))`` on a ``[d, heads * head_dim]``
     projection: each attention head.
 
   Attributes:
-    axes: axes (negative counts from the end) whose indices label separate blocks.
-    reshape: optional shape to view the leaf with before cutting (same number of entries).
+    split_axes: axes (negative counts from the end) along which the leaf is split: one block
+      per index along them.
+    reshape: optional shape to view the leaf with before cutting (same number of entries, every
+      size a non-negative integer).
 
   Example:
     >>> import jax.numpy as jnp
-    >>> BlockSpec(axes=(0,)).block_shape((4, 8, 8))
+    >>> BlockSpec(split_axes=(0,)).block_shape((4, 8, 8))
     (4, 1, 1)
   """
 
-  axes: tuple[int, ...] = ()
+  split_axes: tuple[int, ...] = ()
   reshape: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+    object.__setattr__(self, "split_axes", _ints(self.split_axes, "split_axes"))
     if self.reshape is not None:
-      object.__setattr__(self, "reshape", tuple(int(d) for d in self.reshape))
+      reshape = _ints(self.reshape, "reshape")
+      if any(d < 0 for d in reshape):
+        raise ValueError(f"BlockSpec(reshape={reshape}): every size must be >= 0.")
+      object.__setattr__(self, "reshape", reshape)
 
   def view_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
     """The shape the leaf is viewed with; raises ValueError if ``reshape`` does not fit."""
@@ -55,18 +62,18 @@ class BlockSpec:
     return self.reshape
 
   def block_axes(self, shape: Sequence[int]) -> tuple[int, ...]:
-    """The normalised (non-negative, sorted) block axes for a leaf of ``shape``."""
+    """The normalised (non-negative, sorted) split axes for a leaf of ``shape``."""
     view = self.view_shape(shape)
     out = []
-    for a in self.axes:
+    for a in self.split_axes:
       if not -len(view) <= a < len(view):
         raise ValueError(
-          f"BlockSpec.axes={self.axes} names axis {a}, but the leaf (viewed as {view}) has "
-          f"{len(view)} axes."
+          f"BlockSpec.split_axes={self.split_axes} names axis {a}, but the leaf (viewed as "
+          f"{view}) has {len(view)} axes."
         )
       out.append(a % len(view))
     if len(set(out)) != len(out):
-      raise ValueError(f"BlockSpec.axes={self.axes} repeats an axis.")
+      raise ValueError(f"BlockSpec.split_axes={self.split_axes} repeats an axis.")
     return tuple(sorted(out))
 
   def block_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -80,6 +87,13 @@ class BlockSpec:
     view = self.view_shape(shape)
     keep = self.block_axes(shape)
     return math.prod(d for i, d in enumerate(view) if i not in keep)
+
+
+def _ints(values: Sequence[Any], name: str) -> tuple[int, ...]:
+  try:
+    return tuple(operator.index(v) for v in values)
+  except TypeError as e:
+    raise TypeError(f"BlockSpec({name}={values!r}): entries must be integers.") from e
 
 
 PER_LEAF = BlockSpec()

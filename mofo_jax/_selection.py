@@ -22,25 +22,59 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from mofo_jax import _counts
 from mofo_jax import _partition
 from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
 METHODS = ("auto", "count", "histogram")
+Method = Literal["auto", "count", "histogram"]
+
+
+def resolve_method(
+  method: Method, num_devices: int | None = None
+) -> Literal["count", "histogram", "by_platform"]:
+  """The search :func:`select_blocks` runs for ``method``: the one place the choice is made.
+
+  ``"auto"`` counts when several devices are present (operands may be sharded, and counting
+  all-reduces 60 bytes per block and pass where a sharded histogram would all-reduce 256 KiB),
+  and otherwise returns ``"by_platform"``: histograms when the program is lowered for CPU, where
+  XLA does not fuse a comparison into the reduction that consumes it, counting elsewhere
+  (scatter-adds with many collisions are slow on XLA:GPU).
+
+  Args:
+    method: ``"auto"``, ``"count"`` or ``"histogram"``.
+    num_devices: devices the computation may span; ``jax.device_count()`` when None.
+
+  Returns:
+    ``"count"``, ``"histogram"``, or ``"by_platform"`` (decided by ``lax.platform_dependent``).
+
+  Example:
+    >>> resolve_method("auto", num_devices=1), resolve_method("auto", num_devices=8)
+    ('by_platform', 'count')
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r} must be one of {METHODS}.")
+  if method != "auto":
+    return method
+  n = jax.device_count() if num_devices is None else num_devices
+  return "count" if n > 1 else "by_platform"
 
 
 class BlockSelection(NamedTuple):
   """The result of a selection for one leaf."""
 
   threshold: jax.Array  # float32, the leaf's BlockSpec.block_shape: k-th largest |score|
-  num_selected: jax.Array  # int32, same shape: entries with |score| >= threshold, per block
+  num_selected: _counts.Count  # two int32 limbs, same shape: entries >= threshold, per block
 
 
 def score_keys(scores: jax.Array) -> jax.Array:
@@ -71,7 +105,7 @@ def select_blocks(
   *,
   global_block: bool = False,
   radix_bits: int = 4,
-  method: str = "auto",
+  method: Method = "auto",
 ) -> list[BlockSelection]:
   """Finds, in every block of every leaf, the k-th largest ``|score|`` and how many reach it.
 
@@ -85,7 +119,8 @@ def select_blocks(
     method: ``"count"`` (comparisons and sums), ``"histogram"`` (scatter-add histograms of
       digits, at most 16 bits per pass; under sharding its histograms are all-reduced, and
       explicitly sharded operands are not supported), or ``"auto"``: histograms on CPU with a
-      single device, counting elsewhere. All give the same results.
+      single device, counting elsewhere (see :func:`resolve_method`). All give the same
+      results.
 
   Returns:
     One ``BlockSelection`` per leaf. The mask of a leaf is ``|score| >= threshold`` (broadcast
@@ -94,8 +129,7 @@ def select_blocks(
   """
   if radix_bits not in (1, 2, 4, 8):
     raise ValueError(f"radix_bits={radix_bits} must be 1, 2, 4 or 8.")
-  if method not in METHODS:
-    raise ValueError(f"method={method!r} must be one of {METHODS}.")
+  resolve_method(method)
   views = [jnp.reshape(s, spec.view_shape(s.shape)) for s, spec in zip(scores, specs)]
   reduce_axes = []
   for v, spec in zip(views, specs):
@@ -105,44 +139,53 @@ def select_blocks(
   if global_block:
     if any(spec != _partition.PER_LEAF for spec in specs):
       raise ValueError("partition='global' ranks whole leaves: BlockSpecs cannot also apply.")
-    total = sum(v.size for v in views)
-    ks = [num_to_select(fraction, total)] * len(views)
+    sizes = [sum(v.size for v in views)] * len(views)
   else:
-    ks = [num_to_select(fraction, spec.block_size(v.shape)) for v, spec in zip(views, specs)]
-
+    sizes = [spec.block_size(v.shape) for v, spec in zip(views, specs)]
+  if not views:
+    return []
   # Under Explicit sharding the search's carry must start sharded like the per-block counts
   # come back.
   carry_shardings = [_sharding.reduced_sharding(v, ax) for v, ax in zip(views, reduce_axes)]
-  if global_block:
-    init_counts = [
-      jnp.full(bs, sum(v.size for v in views), jnp.int32, out_sharding=sh)
-      for bs, sh in zip(block_shapes, carry_shardings)
+  search = resolve_method(method)
+  if max(sizes) >= _counts.INT32_LIMIT:
+    search = "count"  # histograms count in int32
+  if search != "count":
+    # Blocks under 2**31 entries: int32 counts, made Counts at the end.
+    init = [
+      jnp.full(bs, n, jnp.int32, out_sharding=sh)
+      for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
     ]
-  else:
-    init_counts = [
-      jnp.full(bs, spec.block_size(v.shape), jnp.int32, out_sharding=sh)
-      for bs, v, spec, sh in zip(block_shapes, views, specs, carry_shardings)
+    ks = [num_to_select(fraction, n) for n in sizes]
+
+    def histogram(v):
+      prefixes, counts = _histogram_search(v, reduce_axes, ks, init, global_block)
+      return prefixes, [_counts.split(c) for c in counts]
+
+  if search == "count" or search == "by_platform":
+    wide_init = [
+      _counts.constant(n, bs, sh) for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
     ]
-  if not views:
-    return []
-  args = (views, reduce_axes, ks, init_counts, global_block)
-  count = lambda *a: _count_search(*a, radix_bits=radix_bits)
-  # Several devices: the operands may be sharded, and counting then communicates far less
-  # (scatters into a replicated histogram also cannot take explicitly sharded operands).
-  if method == "count" or (method == "auto" and jax.device_count() > 1):
-    prefixes, counts = count(*args)
-  elif method == "histogram":
-    prefixes, counts = _histogram_search(*args)
+    wide_ks = [_counts.num_to_select(fraction, n) for n in sizes]
+
+    def count(v):
+      return _count_search(v, reduce_axes, wide_ks, wide_init, global_block, radix_bits=radix_bits)
+
+  if search == "count":
+    prefixes, counts = count(views)
+  elif search == "histogram":
+    prefixes, counts = histogram(views)
   else:
     # Only the branch of the platform compiled for is lowered.
-    prefixes, counts = lax.platform_dependent(
-      views, cpu=lambda v: _histogram_search(v, *args[1:]), default=lambda v: count(v, *args[1:])
-    )
+    prefixes, counts = lax.platform_dependent(views, cpu=histogram, default=count)
   return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
 
 
 def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bits):
-  """Fixes ``radix_bits`` bits per pass by counting entries at or above each candidate."""
+  """Fixes ``radix_bits`` bits per pass by counting entries at or above each candidate.
+
+  Counts are :class:`mofo_jax._counts.Count` s, exact past 2**31 entries.
+  """
   num_digits = 1 << radix_bits
   digits = jnp.arange(1, num_digits, dtype=jnp.uint32)
 
@@ -151,29 +194,38 @@ def _count_search(views, reduce_axes, ks, init_counts, global_block, *, radix_bi
     # is a plain reduction, so XLA fuses key computation, comparison and sum into one pass.
     cands = prefix[..., None] | (digits << shift)
     keys = score_keys(view)[..., None]
-    return jnp.sum(keys >= cands, axis=axes, dtype=jnp.int32, keepdims=True)
+    return _counts.count_true(keys >= cands, axes)
 
   def body(i, carry):
     prefixes, counts = carry
     shift = jnp.uint32(_KEY_BITS) - jnp.uint32(radix_bits) * (i + 1).astype(jnp.uint32)
     per_leaf = [counts_at(v, p, shift, ax) for v, p, ax in zip(views, prefixes, reduce_axes)]
     if global_block:
-      total_counts = sum(c.reshape(-1, num_digits - 1).sum(0) for c in per_leaf)
-      per_leaf = [jnp.broadcast_to(total_counts, c.shape) for c in per_leaf]
+      flat = [
+        _counts.sum_counts(_counts.Count(*(a.reshape(-1, num_digits - 1) for a in c)), 0)
+        for c in per_leaf
+      ]
+      total = flat[0]
+      for c in flat[1:]:
+        total = _counts.add(total, c)
+      per_leaf = [
+        _counts.Count(*(jnp.broadcast_to(a, c.hi.shape) for a in total)) for c in per_leaf
+      ]
     new_prefixes, new_counts = [], []
     for p, c, cnt, k in zip(prefixes, counts, per_leaf, ks):
       # Counts fall as the candidate grows, so the digit is how many candidates keep >= k.
-      ok = cnt >= k
+      ok = _counts.greater_equal(cnt, k)
       digit = jnp.sum(ok, axis=-1, dtype=jnp.uint32)
       new_prefixes.append(p | (digit << shift))
-      reached = jnp.take_along_axis(
-        cnt, jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None], axis=-1
-      )[..., 0]
-      new_counts.append(jnp.where(digit > 0, reached, c))
+      pick = jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None]
+      reached = [jnp.take_along_axis(a, pick, axis=-1)[..., 0] for a in cnt]
+      new_counts.append(
+        _counts.Count(*(jnp.where(digit > 0, r, old) for r, old in zip(reached, c)))
+      )
     return new_prefixes, new_counts
 
   # zeros_like keeps the counts' sharding, which an Explicit-sharded carry must match.
-  init_prefixes = [jnp.zeros_like(c, jnp.uint32) for c in init_counts]
+  init_prefixes = [jnp.zeros_like(c.hi, jnp.uint32) for c in init_counts]
   return lax.fori_loop(0, _KEY_BITS // radix_bits, body, (init_prefixes, init_counts))
 
 
@@ -226,7 +278,7 @@ def _resolve_digit(hist, above, k):
       jnp.take_along_axis(grid, row[..., None, None], axis=-2)[..., 0, :], row_above, k
     )
     return row * (bins // rows) + col, count, new_above
-  at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+  at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]
   digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
   count = jnp.take_along_axis(at_or_above, digit[..., None], axis=-1)[..., 0]
   return digit, count, count - jnp.take_along_axis(hist, digit[..., None], axis=-1)[..., 0]
@@ -287,7 +339,7 @@ def top_fraction_mask(
   *,
   partition: _partition.Partition = None,
   radix_bits: int = 4,
-  method: str = "auto",
+  method: Method = "auto",
 ) -> Any:
   r"""Marks, in every block, the entries whose magnitude is among the top ``fraction``.
 
@@ -331,3 +383,117 @@ def top_fraction_mask(
   )
   masks = [block_mask(s, sp, sel.threshold) for s, sp, sel in zip(leaves, spec_leaves, sels)]
   return treedef.unflatten(masks)
+
+
+class Selection(Protocol):
+  """How thresholds are found: the interface behind ``selection=`` of every MoFO transform.
+
+  :class:`ExactSelection`, :class:`mofo_jax.ApproxSelection` and :class:`mofo_jax.LocalSelection`
+  implement it; the strings ``"exact"``, ``"approx"`` and ``"local"`` are shortcuts for their
+  defaults.
+  """
+
+  def initial_thresholds(
+    self, leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec]
+  ) -> list[jax.Array]:
+    """Telemetry thresholds before the first step, typed (shape, sharding) as ``select``'s."""
+    ...
+
+  def select(
+    self,
+    scores: list[jax.Array],
+    filtered: list[bool],
+    specs: list[_partition.BlockSpec],
+    is_global: bool,
+    fraction: Any,
+  ) -> tuple[list[jax.Array | None], list[jax.Array], list[jax.Array]]:
+    """Per leaf: the mask (None for dense leaves), the entries kept (``int32[2]`` count limbs)
+    and the thresholds."""
+    ...
+
+
+def zero_thresholds(
+  leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec]
+) -> list[jax.Array]:
+  """Zero thresholds shaped, and under Explicit mesh axes sharded, as the blocks' thresholds
+  (``[]`` for dense leaves), so the state's type never changes."""
+  return [
+    jnp.zeros(
+      sp.block_shape(np.shape(x)), jnp.float32, out_sharding=_sharding.block_sharding(x, sp)
+    )
+    if f
+    else jnp.zeros((), jnp.float32)
+    for x, f, sp in zip(leaves, filtered, specs)
+  ]
+
+
+def masks_from_thresholds(
+  scores: list[jax.Array],
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  taus: list[jax.Array],
+  counts: list[_counts.Count] | None,
+  is_global: bool,
+) -> tuple[list[jax.Array | None], list[jax.Array], list[jax.Array]]:
+  """Masks, entries kept and thresholds per leaf, from the filtered leaves' thresholds (and
+  per-block counts, when the search gives them)."""
+  idx = [i for i, f in enumerate(filtered) if f]
+  masks: list[jax.Array | None] = [None] * len(scores)
+  kept = [_counts.to_array(_counts.constant(np.size(s))) for s in scores]
+  thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
+  for j, (i, tau) in enumerate(zip(idx, taus)):
+    masks[i] = block_mask(scores[i], specs[i], tau)
+    thresholds[i] = tau
+    # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
+    # count: count this leaf's own entries.
+    kept[i] = _counts.to_array(
+      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
+      if counts is None or is_global
+      else _counts.total(counts[j], np.size(scores[i]))
+    )
+  return masks, kept, thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSelection:
+  """``selection=``: the exact k-th largest ``|score|`` of every block, by counting.
+
+  Attributes:
+    method: ``"auto"``, ``"count"`` or ``"histogram"`` (see :func:`select_blocks` and
+      :func:`resolve_method`).
+    radix_bits: bits of the threshold fixed per counting pass (1, 2, 4 or 8).
+
+  Example:
+    >>> import mofo_jax
+    >>> opt = mofo_jax.mofo(1e-3, selection=mofo_jax.ExactSelection(method="count", radix_bits=8))
+  """
+
+  method: Method = "auto"
+  radix_bits: int = 4
+
+  def __post_init__(self):
+    resolve_method(self.method, num_devices=1)
+    if self.radix_bits not in (1, 2, 4, 8):
+      raise ValueError(f"radix_bits={self.radix_bits} must be 1, 2, 4 or 8.")
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return zero_thresholds(leaves, filtered, specs)
+
+  def select(self, scores, filtered, specs, is_global, fraction):
+    idx = [i for i, f in enumerate(filtered) if f]
+    sels = select_blocks(
+      [scores[i] for i in idx],
+      [specs[i] for i in idx],
+      fraction,
+      global_block=is_global,
+      radix_bits=self.radix_bits,
+      method=self.method,
+    )
+    return masks_from_thresholds(
+      scores,
+      filtered,
+      specs,
+      [s.threshold for s in sels],
+      [s.num_selected for s in sels],
+      is_global,
+    )

@@ -8,12 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mofo_jax import _counts
+
 
 class MoFOTelemetry(NamedTuple):
   """Per-leaf record of the last step's selection (all fields are pytrees like the params)."""
 
-  num_updated: Any  # per leaf: [] int32, entries that moved this step
-  num_entries: Any  # per leaf: [] int32, entries in the leaf
+  # Counts are exact past 2**31 entries: int32[2], limbs (hi, lo) of hi * 2**16 + lo (read them
+  # with mofo_jax.count_value).
+  num_updated: Any  # per leaf: int32[2], entries that moved this step
+  num_entries: Any  # per leaf: int32[2], entries in the leaf
   threshold: Any  # per leaf: float32 of the leaf's BlockSpec.block_shape, the k-th largest
   #                 |score| per block (0 for dense leaves)
 
@@ -21,8 +25,8 @@ class MoFOTelemetry(NamedTuple):
 def init_telemetry(params: Any, thresholds: Any) -> MoFOTelemetry:
   """Telemetry before the first step: nothing updated yet; ``thresholds`` are the zeros."""
   return MoFOTelemetry(
-    num_updated=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
-    num_entries=jax.tree.map(lambda p: jnp.asarray(np.size(p), jnp.int32), params),
+    num_updated=jax.tree.map(lambda _: jnp.zeros([2], jnp.int32), params),
+    num_entries=jax.tree.map(lambda p: _counts.to_array(_counts.constant(np.size(p))), params),
     threshold=thresholds,
   )
 
@@ -62,6 +66,11 @@ def telemetry_summary(opt_state: Any) -> dict[str, float]:
     (0.1, 1.0)
   """
   found = _find_telemetry(opt_state)
+  if not found:
+    raise ValueError(
+      "telemetry_summary found no MoFO telemetry in this optimizer state: pass the state of an "
+      "optimizer built from mofo_jax.mofo, scale_by_mofo or keep_top_fraction."
+    )
   out: dict[str, float] = {}
   total_updated = 0
   total_entries = 0
@@ -70,7 +79,7 @@ def telemetry_summary(opt_state: Any) -> dict[str, float]:
     updated = jax.tree_util.tree_flatten_with_path(tel.num_updated)[0]
     entries = jax.tree.leaves(tel.num_entries)
     for (path, u), n in zip(updated, entries):
-      u, n = int(u), int(n)
+      u, n = _counts.value(u), _counts.value(n)
       total_updated += u
       total_entries += n
       out[f"fraction_updated/{prefix}{jax.tree_util.keystr(path)}"] = u / max(n, 1)

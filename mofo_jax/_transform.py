@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from mofo_jax import _approx
+from mofo_jax import _counts
 from mofo_jax import _local
 from mofo_jax import _partition
 from mofo_jax import _selection
-from mofo_jax import _sharding
 from mofo_jax import _telemetry
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -22,6 +23,7 @@ FilterMask = Union[None, Any, Callable[[Any], Any]]
 
 SCORES = ("momentum", "gradient", "update", "random")
 SELECTIONS = ("exact", "approx", "local")
+SelectionLike = Union[Literal["exact", "approx", "local"], _selection.Selection]
 
 
 class ScaleByMoFOState(NamedTuple):
@@ -41,8 +43,12 @@ class KeepTopFractionState(NamedTuple):
 
 
 def _fraction_fn(fraction: ScalarOrSchedule) -> Callable[[jax.Array], Any]:
-  """Validates ``fraction`` and returns ``count -> fraction`` (schedules clipped into [0, 1])."""
-  if isinstance(fraction, bool):
+  """Validates ``fraction`` and returns ``count -> fraction``.
+
+  Schedules and traced values are clipped into [0, 1] at run time; a value of 0 (or below)
+  updates no entry and NaN makes the filtered updates NaN (see ``_apply_fraction_guard``).
+  """
+  if isinstance(fraction, bool) or fraction is None or isinstance(fraction, (str, bytes)):
     raise TypeError(f"fraction={fraction!r} must be a number in (0, 1] or a schedule.")
   if isinstance(fraction, (int, float)):
     if not 0.0 < fraction <= 1.0:
@@ -54,9 +60,38 @@ def _fraction_fn(fraction: ScalarOrSchedule) -> Callable[[jax.Array], Any]:
   # concrete; a traced value is clipped like a schedule's.
   if not isinstance(fraction, jax.core.Tracer):
     value = np.asarray(fraction)
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(f"fraction={fraction!r} must be a number in (0, 1] or a schedule.")
     if value.shape != () or not 0.0 < float(value) <= 1.0:
       raise ValueError(f"fraction={value} must be a scalar in (0, 1].")
   return lambda count: jnp.clip(jnp.asarray(fraction, jnp.float32), 0.0, 1.0)
+
+
+def _guard_fraction(
+  frac: Any, masks: list[jax.Array | None], kept: list[jax.Array], directions: list[jax.Array]
+):
+  """A traced fraction of 0 updates nothing, and a NaN one makes the filtered updates NaN (so
+  that ``optax.apply_if_finite`` skips the step) instead of keeping one entry per block."""
+  if isinstance(frac, float):
+    return masks, kept, directions
+  positive = frac > 0
+  nan = jnp.isnan(frac)
+  masks = [None if m is None else (m & positive) | nan for m in masks]
+  kept = [
+    k if m is None else jnp.where(positive, k, jnp.zeros_like(k)) for m, k in zip(masks, kept)
+  ]
+  directions = [
+    u if m is None else jnp.where(nan, jnp.asarray(jnp.nan, u.dtype), u)
+    for m, u in zip(masks, directions)
+  ]
+  return masks, kept, directions
+
+
+def _moment_dtype(dtype: Any, name: str) -> jnp.dtype:
+  dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}={dtype} must be a floating point dtype (e.g. float32 or bfloat16).")
+  return dtype
 
 
 def _leaf_paths(tree: Any) -> list[str]:
@@ -85,10 +120,14 @@ def _resolve_filter_mask(filter_mask: FilterMask, tree: Any) -> list[bool]:
     )
   except (ValueError, TypeError) as e:
     raise ValueError(f"filter_mask must be a prefix of the params pytree of bools: {e}") from e
-  try:
-    return [bool(m) for m in mask_leaves]
-  except jax.errors.ConcretizationTypeError as e:
-    raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.") from e
+  out = []
+  for path, m in zip(_leaf_paths(tree), mask_leaves):
+    if isinstance(m, jax.core.Tracer):
+      raise TypeError("filter_mask must hold Python or concrete booleans, not traced values.")
+    if not (isinstance(m, (bool, np.bool_)) or (np.ndim(m) == 0 and np.asarray(m).dtype == bool)):
+      raise TypeError(f"filter_mask holds {m!r} for leaf {path}; it must hold booleans.")
+    out.append(bool(m))
+  return out
 
 
 def _block_specs(
@@ -102,69 +141,55 @@ def _block_specs(
   return is_global, spec_leaves
 
 
-def _zero_thresholds(
-  leaves: list[Any], filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
-) -> list[jax.Array]:
-  """Telemetry thresholds before a selection, with the shape (and, under Explicit mesh axes,
-  the sharding) the selection gives them, so the state's type never changes."""
-  if _local.is_local(selection):
-    return _local.initial_thresholds(leaves, filtered, specs, selection)
-  return [
-    jnp.zeros(
-      sp.block_shape(np.shape(x)), jnp.float32, out_sharding=_sharding.block_sharding(x, sp)
-    )
-    if f
-    else jnp.zeros((), jnp.float32)
-    for x, f, sp in zip(leaves, filtered, specs)
-  ]
-
-
 def _init_telemetry(
-  tree: Any, filtered: list[bool], specs: list[_partition.BlockSpec], selection: Any
+  tree: Any,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  selection: _selection.Selection,
 ) -> _telemetry.MoFOTelemetry:
   leaves, treedef = jax.tree.flatten(tree)
   return _telemetry.init_telemetry(
-    tree, treedef.unflatten(_zero_thresholds(leaves, filtered, specs, selection))
+    tree, treedef.unflatten(selection.initial_thresholds(leaves, filtered, specs))
   )
 
 
-def _check_selection(selection: Any) -> None:
-  if not isinstance(selection, _local.LocalSelection) and selection not in SELECTIONS:
-    raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}.")
+def _materialised(fn: Callable[[], list[jax.Array]], step: jax.Array) -> list[jax.Array]:
+  """``fn()``, computed once into buffers that every later consumer reads.
+
+  The search for a threshold and the mask compared with it both read the scores. Were the scores
+  an expression (``b1 * mu + (1 - b1) * g``), XLA could recompute it inside each consumer's
+  fusion, with different rounding (FMA contraction, vector width), and the mask would then
+  disagree with the threshold and with the count reported (measured on XLA:CPU: the k-th entry
+  dropped on ~10% of steps of a program that does not output the new state).
+  ``lax.optimization_barrier`` does not prevent this: XLA:CPU removes barriers before fusion.
+  The operands and results of a ``while`` loop are buffers on every backend, and no fusion
+  reaches through a loop, so ``fn()`` is passed through one whose trip count is 0 at run time
+  (``step`` is never negative: counts saturate) but unknown to the compiler, which therefore
+  keeps it. Were it run, its body would compute the same ``fn()``.
+  """
+  trips = (step < 0).astype(jnp.int32)
+  return lax.fori_loop(0, trips, lambda i, c: fn(), fn())
 
 
-def _select(
-  scores: list[jax.Array],
-  filtered: list[bool],
-  specs: list[_partition.BlockSpec],
-  is_global: bool,
-  fraction: Any,
-  selection: Any,
-):
-  """Masks (None for dense leaves), entries kept and thresholds, one of each per leaf."""
-  if _local.is_local(selection):
-    return _local.select_local(scores, filtered, specs, is_global, fraction, selection)
-  idx = [i for i, f in enumerate(filtered) if f]
-  args = ([scores[i] for i in idx], [specs[i] for i in idx], fraction)
-  if selection == "approx":
-    taus, counts = _approx.sampled_thresholds(*args, global_block=is_global), None
-  else:
-    sels = _selection.select_blocks(*args, global_block=is_global)
-    taus, counts = [s.threshold for s in sels], [s.num_selected for s in sels]
-  masks: list[jax.Array | None] = [None] * len(scores)
-  kept = [jnp.asarray(np.size(s), jnp.int32) for s in scores]
-  thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
-  for j, (i, tau) in enumerate(zip(idx, taus)):
-    masks[i] = _selection.block_mask(scores[i], specs[i], tau)
-    thresholds[i] = tau
-    # Global blocks carry the tree-wide count in every leaf, and approx has no count: count
-    # this leaf's own entries.
-    kept[i] = (
-      jnp.sum(masks[i], dtype=jnp.int32)
-      if counts is None or is_global
-      else jnp.sum(counts[j], dtype=jnp.int32)
-    )
-  return masks, kept, thresholds
+def resolve_selection(selection: SelectionLike) -> _selection.Selection:
+  """The selection object for ``selection=``: ``"exact"``, ``"approx"`` and ``"local"`` are
+  shortcuts for ``ExactSelection()``, ``ApproxSelection()`` and ``LocalSelection()``."""
+  if isinstance(selection, str):
+    shortcuts = {
+      "exact": _selection.ExactSelection,
+      "approx": _approx.ApproxSelection,
+      "local": _local.LocalSelection,
+    }
+    if selection in shortcuts:
+      return shortcuts[selection]()
+  elif callable(getattr(selection, "select", None)) and callable(
+    getattr(selection, "initial_thresholds", None)
+  ):
+    return selection
+  raise ValueError(
+    f"selection={selection!r} must be one of {SELECTIONS} or a selection object "
+    "(mofo_jax.ExactSelection, ApproxSelection or local_selection(mesh, specs))."
+  )
 
 
 def scale_by_mofo(
@@ -179,7 +204,7 @@ def scale_by_mofo(
   mu_dtype: Any = None,
   nu_dtype: Any = None,
   seed: int = 0,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam and keeps only the entries with the largest momentum per block.
 
@@ -219,14 +244,16 @@ def scale_by_mofo(
     mu_dtype: dtype of the first moment; default float32.
     nu_dtype: dtype of the second moment; default float32.
     seed: seed of the random masks of ``score="random"``.
-    selection: how thresholds are found: ``"exact"`` (the k-th largest per block, by counting;
-      on sharded leaves this costs small all-reduces of counts); ``"approx"``: the k-th largest
-      of a fixed random sample of each block (65536 entries per leaf of 1M entries or more,
-      1/16 of smaller leaves, at least 4096; the whole block if smaller), so no search runs
-      over the parameters, and the fraction kept deviates from ``fraction`` by sampling noise
-      (about +-0.0012 at 0.1 with 65536 samples; the telemetry reports the entries actually
-      updated); or per shard with no communication, which is not the paper's MoFO (see
-      :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh, specs)``, or
+    selection: how thresholds are found, a :class:`mofo_jax.Selection` or a shortcut:
+      ``"exact"`` = :class:`mofo_jax.ExactSelection` ``()``, the k-th largest per block by
+      counting (on sharded leaves this costs small all-reduces of counts; its ``method`` and
+      ``radix_bits`` are set on the object); ``"approx"`` = :class:`mofo_jax.ApproxSelection`
+      ``()``, the k-th largest of a fixed random sample of each block (65536 entries per leaf of
+      1M entries or more, 1/16 of smaller leaves, at least 4096; at least 1024 per block of a
+      split leaf; the whole block if smaller), so no search runs over the parameters, and the
+      fraction kept is within 0.01 of the exact selection's (the telemetry reports the entries
+      actually updated); or per shard with no communication, which is not the paper's MoFO
+      (see :func:`mofo_jax.local_selection`): ``mofo_jax.local_selection(mesh, specs)``, or
       ``"local"`` to read the mesh and specs from the arrays' types under Explicit mesh axes.
 
   Under ``optax.inject_hyperparams`` every numeric argument (fraction, b1, b2, eps, seed) may be
@@ -253,10 +280,10 @@ def scale_by_mofo(
   """
   if score not in SCORES:
     raise ValueError(f"score={score!r} must be one of {SCORES}.")
-  _check_selection(selection)
+  selection = resolve_selection(selection)
   fraction_at = _fraction_fn(fraction)
-  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else jnp.dtype(jnp.float32)
-  nu_dtype = jnp.dtype(nu_dtype) if nu_dtype is not None else jnp.dtype(jnp.float32)
+  mu_dtype = _moment_dtype(mu_dtype, "mu_dtype")
+  nu_dtype = _moment_dtype(nu_dtype, "nu_dtype")
 
   def init_fn(params):
     _check_float_leaves(params, "scale_by_mofo")
@@ -272,26 +299,53 @@ def scale_by_mofo(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(g) for g in leaves]  # Python floats, as optax.adamw accepts them
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
     count_inc = optax.safe_increment(state.count)
     frac = fraction_at(state.count)
 
+    # Moments in their own dtype when wider than float32 (float64 under x64), else float32.
+    m_dt = jnp.promote_types(mu_dtype, jnp.float32)
+    v_dt = jnp.promote_types(nu_dtype, jnp.float32)
+    u_dt = jnp.promote_types(m_dt, v_dt)
     # Bias corrections as reciprocals, multiplied in: XLA rewrites a division by a broadcast
     # scalar into this only where its fusion allows, so a sharded and an unsharded program would
     # otherwise round differently. Spelled out, every layout computes the same bits.
-    inv_bc1 = 1 / (1 - jnp.asarray(b1, jnp.float32) ** count_inc)
-    inv_bc2 = 1 / (1 - jnp.asarray(b2, jnp.float32) ** count_inc)
-    mus, nus, directions = [], [], []
-    for g, mu, nu in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
-      g32 = g.astype(jnp.float32)
-      m = (b1 * mu.astype(jnp.float32) + (1 - b1) * g32).astype(mu_dtype)
-      v = (b2 * nu.astype(jnp.float32) + (1 - b2) * g32 * g32).astype(nu_dtype)
-      m_hat = m.astype(jnp.float32) * inv_bc1
-      v_hat = v.astype(jnp.float32) * inv_bc2
-      mus.append(m)
-      nus.append(v)
-      directions.append(m_hat / (jnp.sqrt(v_hat) + eps))
+    inv_bc1 = 1 / (1 - jnp.asarray(b1, u_dt) ** count_inc)
+    inv_bc2 = 1 / (1 - jnp.asarray(b2, u_dt) ** count_inc)
+
+    def first_moment(g, mu):
+      return (b1 * mu.astype(m_dt) + (1 - b1) * g.astype(m_dt)).astype(mu_dtype)
+
+    def second_moment(g, nu):
+      return (b2 * nu.astype(v_dt) + (1 - b2) * jnp.square(g.astype(v_dt))).astype(nu_dtype)
+
+    def direction(m, v):
+      return (m.astype(u_dt) * inv_bc1) / (jnp.sqrt(v.astype(u_dt) * inv_bc2) + eps)
+
+    old_mus, old_nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    nus = [second_moment(g, nu) for g, nu in zip(leaves, old_nus)]
+    idx = [i for i, f in enumerate(filtered) if f]
+    mus = [None if f else first_moment(g, mu) for g, mu, f in zip(leaves, old_mus, filtered)]
+    if score == "momentum" and idx:
+      # The search, the mask, the direction and the new state all read one materialised m.
+      new = _materialised(lambda: [first_moment(leaves[i], old_mus[i]) for i in idx], state.count)
+      for i, m in zip(idx, new):
+        mus[i] = m
+    else:
+      for i in idx:
+        mus[i] = first_moment(leaves[i], old_mus[i])
+    directions = [direction(m, v) for m, v in zip(mus, nus)]
+    if score in ("gradient", "update") and idx:
+      base = leaves if score == "gradient" else directions
+      scores = list(base)
+      for j, x in zip(idx, _materialised(lambda: [base[i] for i in idx], state.count)):
+        scores[j] = x
+      if score == "update":
+        directions = scores
+    else:
+      scores = mus
 
     if score == "random":
       base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
@@ -300,14 +354,14 @@ def scale_by_mofo(
         if f:
           mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
           masks.append(mask)
-          kept.append(jnp.sum(mask, dtype=jnp.int32))
+          kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
         else:
           masks.append(None)
-          kept.append(jnp.asarray(u.size, jnp.int32))
-      thresholds = _zero_thresholds(directions, filtered, specs, selection)
+          kept.append(_counts.to_array(_counts.constant(u.size)))
+      thresholds = selection.initial_thresholds(directions, filtered, specs)
     else:
-      scores = {"momentum": mus, "gradient": leaves, "update": directions}[score]
-      masks, kept, thresholds = _select(scores, filtered, specs, is_global, frac, selection)
+      masks, kept, thresholds = selection.select(scores, filtered, specs, is_global, frac)
+    masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
 
     new_updates = [
       (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
@@ -328,7 +382,7 @@ def keep_top_fraction(
   *,
   filter_mask: FilterMask = None,
   partition: _partition.Partition = None,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""Keeps, in every block, only the incoming updates of largest magnitude; zeroes the rest.
 
@@ -359,7 +413,7 @@ def keep_top_fraction(
     Chen et al., `MoFO: Momentum-Filtered Optimizer for Mitigating Forgetting in LLM
     Fine-Tuning <https://arxiv.org/abs/2407.20999>`_, TMLR 2025.
   """
-  _check_selection(selection)
+  selection = resolve_selection(selection)
   fraction_at = _fraction_fn(fraction)
 
   def init_fn(params):
@@ -373,11 +427,16 @@ def keep_top_fraction(
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(u) for u in leaves]
     filtered = _resolve_filter_mask(filter_mask, updates)
     is_global, specs = _block_specs(partition, updates, filtered)
-    masks, kept, thresholds = _select(
-      leaves, filtered, specs, is_global, fraction_at(state.count), selection
-    )
+    idx = [i for i, f in enumerate(filtered) if f]
+    if idx:
+      for j, x in zip(idx, _materialised(lambda: [leaves[i] for i in idx], state.count)):
+        leaves[j] = x
+    frac = fraction_at(state.count)
+    masks, kept, thresholds = selection.select(leaves, filtered, specs, is_global, frac)
+    masks, kept, leaves = _guard_fraction(frac, masks, kept, leaves)
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
     telemetry = state.telemetry._replace(
       num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
@@ -404,7 +463,7 @@ def mofo(
   mu_dtype: Any = None,
   nu_dtype: Any = None,
   seed: int = 0,
-  selection: Any = "exact",
+  selection: SelectionLike = "exact",
 ) -> optax.GradientTransformation:
   r"""The MoFO optimizer: Adam whose step moves only the largest-momentum entries of each block.
 

@@ -61,9 +61,9 @@ LAYOUTS = {
   ),
 }
 
-PER_ROW = mofo_jax.BlockSpec(axes=(0,))
-PER_LAYER = mofo_jax.BlockSpec(axes=(0,))
-PER_HEAD = mofo_jax.BlockSpec(reshape=(32, 8, 8), axes=(1,))
+PER_ROW = mofo_jax.BlockSpec(split_axes=(0,))
+PER_LAYER = mofo_jax.BlockSpec(split_axes=(0,))
+PER_HEAD = mofo_jax.BlockSpec(reshape=(32, 8, 8), split_axes=(1,))
 
 # name -> (partition argument, {leaf: (block axes, reshape)} for tests/reference.py)
 PARTITIONS = {

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mofo_jax
 from tests import reference
@@ -35,7 +37,7 @@ def _run_sharded(layout, axis_type, opt, steps=3):
   shards = sm.shardings(layout, mesh)
   abstract = sm.abstract(shards)
   state_sh = mofo_jax.state_shardings(opt, abstract)
-  put = lambda tree: jax.tree.map(jax.device_put, tree, shards)  # noqa: E731
+  put = lambda tree: jax.tree.map(jax.device_put, tree, shards)
   with jax.set_mesh(mesh):
     p = put(sm.params())
     if axis_type == AxisType.Explicit:
@@ -217,7 +219,7 @@ def test_local_selection_equals_per_shard_reference(layout):
   # One threshold per shard: the kernel is split 2 x 4 on the 2d mesh, 8 x 1 on fsdp.
   n_shards = sm.LAYOUTS[layout][0]
   assert state.telemetry.threshold["kernel"].shape == (n_shards if layout == "2d" else (8, 1))
-  kept = int(state.telemetry.num_updated["kernel"])
+  kept = mofo_jax.count_value(state.telemetry.num_updated["kernel"])
   assert kept == int((np.asarray(out["kernel"]) != 0).sum())
 
 
@@ -265,3 +267,118 @@ def test_local_selection_errors_are_clear():
     mofo_jax.keep_top_fraction(selection=mofo_jax.local_selection(sm.mesh("2d"), [P()])).init(
       sm.params()
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# state_shardings under optax's wrappers, and for params without a mesh.
+
+MATRICES = {k: len(s) >= 2 for k, s in sm.SHAPES.items()}
+
+
+def _mofo():
+  return mofo_jax.mofo(1e-2, FRACTION, weight_decay=0.01)
+
+
+# Each wraps a masked or partitioned inner optimizer (optax.MaskedNode in its state) in one of
+# the wrappers the README names, as the fine-tuning `hft` optimizer does.
+WRAPPED = {
+  "masked": lambda: optax.masked(_mofo(), MATRICES),
+  "masked_callable": lambda: optax.masked(
+    optax.adamw(1e-2), lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+  ),
+  "partition": lambda: optax.partition(
+    {"mofo": _mofo(), "adam": optax.adamw(1e-2)},
+    {k: "mofo" if m else "adam" for k, m in MATRICES.items()},
+  ),
+  "multisteps": lambda: optax.MultiSteps(optax.masked(_mofo(), MATRICES), 2),
+  "inject_hyperparams": lambda: optax.masked(
+    optax.inject_hyperparams(mofo_jax.mofo)(learning_rate=1e-2, fraction=FRACTION), MATRICES
+  ),
+  "chain_clip": lambda: optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.masked(_mofo(), MATRICES),
+    optax.masked(optax.adamw(1e-2), {k: not m for k, m in MATRICES.items()}),
+  ),
+}
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "2d"])
+@pytest.mark.parametrize("wrapper", sorted(WRAPPED))
+def test_state_shardings_lay_out_moments_like_params_under_wrappers(wrapper, layout):
+  opt = WRAPPED[wrapper]()
+  shards = sm.shardings(layout, sm.mesh(layout))
+  abstract = sm.abstract(shards)
+  state_sh = mofo_jax.state_shardings(opt, abstract)
+  # Same structure as the state: masked-out entries stay MaskedNode, with no sharding.
+  assert jax.tree.structure(state_sh) == jax.tree.structure(jax.eval_shape(opt.init, abstract))
+  per_param = 0
+  for path, s in jax.tree_util.tree_leaves_with_path(state_sh):
+    name = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else None
+    text = jax.tree_util.keystr(path)
+    if name in sm.SHAPES and any(f in text for f in (".mu[", ".nu[", ".acc_grads[")):
+      assert s == shards[name], (text, s.spec, shards[name].spec)
+      per_param += 1
+    elif "telemetry" not in text:
+      assert s.spec == P(), (text, s.spec)  # counts, hyperparameters
+  assert per_param >= 2 * sum(MATRICES.values()), per_param
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "multisteps", "chain_clip"])
+def test_state_shardings_under_wrappers_compile_and_match_unsharded(wrapper):
+  opt = WRAPPED[wrapper]()
+  mesh = sm.mesh("2d")
+  shards = sm.shardings("2d", mesh)
+  state_sh = mofo_jax.state_shardings(opt, sm.abstract(shards))
+  with jax.set_mesh(mesh):
+    p = jax.tree.map(jax.device_put, sm.params(), shards)
+    state = jax.jit(opt.init, out_shardings=state_sh)(p)
+    step = jax.jit(
+      sm.step_fn(opt), in_shardings=(shards, state_sh, shards), out_shardings=(shards, state_sh)
+    )
+    for i in range(2):
+      p, state = step(p, state, jax.tree.map(jax.device_put, sm.grads(i), shards))
+  p_ref, _ = sm.run_unsharded(opt, steps=2)
+  # Equal up to the order of summation of the global norm that clip_by_global_norm takes.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p, p_ref)
+  mu = jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+  moments = [x.mu for x in mu if hasattr(x, "mu")]
+  assert moments
+  for m in moments:
+    for k in (k for k in MATRICES if not isinstance(m[k], optax.MaskedNode)):
+      assert m[k].sharding.is_equivalent_to(shards[k], m[k].ndim), (k, m[k].sharding)
+
+
+def test_state_shardings_without_a_mesh():
+  opt = _mofo()
+  numpy_params = sm.params()
+  # NumPy params carry no placement: every entry is None, which jit reads as "you choose".
+  shardings = mofo_jax.state_shardings(opt, numpy_params)
+  assert jax.tree.leaves(shardings, is_leaf=lambda x: x is None) == [None] * len(
+    jax.tree.leaves(jax.eval_shape(opt.init, numpy_params))
+  )
+  state = jax.jit(opt.init, out_shardings=shardings)(numpy_params)
+  assert state[0].mu["kernel"].shape == sm.SHAPES["kernel"]
+  # Arrays on one device, as a single-device user has them: that device, everywhere.
+  device = jax.devices()[0]
+  on_device = jax.device_put(numpy_params, device)
+  shardings = mofo_jax.state_shardings(opt, on_device)
+  assert {s for s in jax.tree.leaves(shardings)} == {jax.sharding.SingleDeviceSharding(device)}
+  assert jax.jit(opt.init, out_shardings=shardings)(on_device)[0].nu["embed"].devices() == {device}
+
+
+def test_state_shardings_rejects_params_partly_on_a_mesh():
+  shards = sm.shardings("fsdp", sm.mesh("fsdp"))
+  mixed = {**sm.abstract(shards), "bias": np.zeros(sm.SHAPES["bias"], np.float32)}
+  with pytest.raises(TypeError, match=r"params\['bias'\] \(ndarray\) has no NamedSharding"):
+    mofo_jax.state_shardings(_mofo(), mixed)
+
+
+def test_state_shardings_replicate_counts_shaped_like_a_sharded_vector():
+  # Telemetry counts are int32[2] limbs; a vector param sharded over a mesh axis of size 2 must
+  # not lend them its sharding (only float per-block thresholds follow their param).
+  mesh = sm.mesh("2d")
+  shards = {**sm.shardings("2d", mesh), "bias": NamedSharding(mesh, P("fsdp"))}
+  opt = mofo_jax.mofo(1e-2, FRACTION, filter_mask={k: k in ("bias", "kernel") for k in sm.SHAPES})
+  telemetry = mofo_jax.state_shardings(opt, sm.abstract(shards))[0].telemetry
+  assert telemetry.num_updated["bias"].spec == telemetry.num_entries["bias"].spec == P()
+  assert telemetry.threshold["bias"].spec == P(None)

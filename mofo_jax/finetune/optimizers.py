@@ -164,7 +164,7 @@ def stacked_layer_blocks(params: Any) -> tuple[Any, Any]:
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   stacked = [_is_stacked(path) for path, _ in flat]
   filtered = [np.ndim(x) - s >= 2 for (_, x), s in zip(flat, stacked)]
-  specs = [mofo_jax.BlockSpec(axes=(0,)) if s else mofo_jax.BlockSpec() for s in stacked]
+  specs = [mofo_jax.BlockSpec(split_axes=(0,)) if s else mofo_jax.BlockSpec() for s in stacked]
   return treedef.unflatten(filtered), treedef.unflatten(specs)
 
 
