@@ -90,7 +90,7 @@ def sampled_thresholds(
     )
     return [sel.threshold.reshape(bs) for sel, bs in zip(sels, block_shapes)]
   arrays, arr_specs, sampled = [], [], []
-  for v, keep, spec, bs in zip(views, keeps, specs, block_shapes):
+  for v, keep, bs in zip(views, keeps, block_shapes):
     nblocks = math.prod(bs)
     block_size = v.size // max(1, nblocks)
     budget = min(sample_size, max(MIN_SAMPLE, v.size // 16))

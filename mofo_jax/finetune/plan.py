@@ -234,6 +234,7 @@ def model_config(model: str, **fields: Any):
     >>> model_config("llama-3.1-8b").num_hidden_layers
     32
   """
+  from mofo_jax.finetune.checkpoints_hf import config_from_hf
   from mofo_jax.finetune.model import LlamaConfig
 
   if model.lower() in PRESETS:
@@ -246,7 +247,7 @@ def model_config(model: str, **fields: Any):
       f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
     )
   try:
-    return LlamaConfig.from_hf_dict(json.loads(path.read_text()), **fields)
+    return config_from_hf(json.loads(path.read_text()), **fields)
   except (ValueError, OSError) as e:
     raise PlanError(f"--model {path}: {e}") from None
 
