@@ -152,9 +152,14 @@ class Trainer:
       ``{name: float}``: each metric summed over the batches.
     """
     if metric not in self._evals:
-      self._evals[metric] = jax.jit(
-        lambda params, batch, *a: metric(nnx.merge(self.graphdef, params, self.rest), batch, *a)
-      )
+      abstract_mesh = self.mesh.abstract_mesh
+
+      def on_mesh(params, batch, *a):
+        # The mesh in context lets the model keep activations batch-sharded, as in training.
+        with jax.sharding.use_abstract_mesh(abstract_mesh):
+          return metric(nnx.merge(self.graphdef, params, self.rest), batch, *a)
+
+      self._evals[metric] = jax.jit(on_mesh)
     fn = self._evals[metric]
     totals: dict[str, float] = {}
     for b in batches:

@@ -192,7 +192,6 @@ _LARGE_STEP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_compiled_large_step_keeps_batch_sharded_and_mofo_cheap():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=16"

@@ -248,7 +248,7 @@ def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
     for i in range(2)
   ]
   try:
-    logs = [proc.communicate(timeout=120)[0] for proc in procs]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
   except subprocess.TimeoutExpired:
     for proc in procs:
       proc.kill()

@@ -140,6 +140,11 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_sharded_mesh_matches_single_axis_mesh():
   base, sharded = make(mesh="data=1"), make(mesh="data=2,fsdp=2,tensor=2")
+  # Evaluation traces under the mesh too (batch-sharded activations, per-device loss).
+  (b,) = evaluation.one_per_row(examples(4, seed=3), 16, 4)
+  acc0, loss0 = evaluation.answer_accuracy(base, [b], np.ones(VOCAB, bool))
+  acc1, loss1 = evaluation.answer_accuracy(sharded, [b], np.ones(VOCAB, bool))
+  assert acc0 == acc1 and np.isclose(loss0, loss1, rtol=1e-5)
   it1, it2 = batches(), batches()
   for _ in range(3):
     base.train_step(next(it1))
