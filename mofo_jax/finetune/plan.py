@@ -569,7 +569,9 @@ class PlanResult:
   def peak(self) -> int | None:
     if self.temps is None:
       return None
-    return self.arguments + self.outputs - self.aliased + self.temps
+    # The trainer also keeps the pretrained weights on the devices (distance and changed-entry
+    # metrics), one more copy of the params outside the step.
+    return self.arguments + self.outputs - self.aliased + self.temps + self.params
 
 
 def _per_device_bytes(tree) -> int:
@@ -693,7 +695,8 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
       [_gib(r.outputs and r.outputs - r.aliased) for r in results],
     ),
     ("compiled temporaries (GiB)", [_gib(r.temps) for r in results]),
-    ("peak = arguments + outputs + temps", [_gib(r.peak) for r in results]),
+    ("trainer's pretrained copy (GiB)", [_gib(r.params) for r in results]),
+    ("peak = arguments + outputs + temps + copy", [_gib(r.peak) for r in results]),
   ]
   for kind in _COLLECTIVES:
     if any(c.kind == kind for r in results for c in r.collectives):

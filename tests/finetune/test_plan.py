@@ -214,3 +214,9 @@ def test_compiled_large_step_keeps_batch_sharded_and_mofo_cheap():
   assert mofo["total"] - adamw["total"] < 1e6
   # no activation (hidden states, logits) is assembled over the global batch of 32 rows
   assert mofo["global_batch"] == [] and adamw["global_batch"] == []
+
+
+def test_peak_counts_the_trainers_pretrained_copy():
+  # Trainer keeps the pretrained params on the devices beside the step's arguments.
+  r = plan.PlanResult("mofo", params=10, opt_state=20, arguments=30, outputs=5, aliased=5, temps=7)
+  assert r.peak == 30 + 7 + 10
