@@ -83,8 +83,7 @@ def main():
       donate_argnums=(0, 1),
     )
     comm = collectives(
-      fn.lower(abstract, jax.eval_shape(opt.init, abstract), abstract).compile().as_text(),
-      loop_trips=8,
+      fn.lower(abstract, jax.eval_shape(opt.init, abstract), abstract).compile().as_text()
     )
     p = jax.tree.map(jnp.copy, params)
     s = jax.jit(opt.init, out_shardings=state_sh)(p)

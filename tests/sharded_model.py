@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -128,60 +127,19 @@ def run_unsharded(opt: optax.GradientTransformation, steps: int = 3):
   return p, state
 
 
-_BYTES = {
-  "pred": 1,
-  "s8": 1,
-  "u8": 1,
-  "bf16": 2,
-  "f16": 2,
-  "s16": 2,
-  "u16": 2,
-  "f32": 4,
-  "s32": 4,
-  "u32": 4,
-  "f64": 8,
-  "s64": 8,
-  "u64": 8,
-}
+def collectives(hlo: str) -> dict[str, int]:
+  """Collectives of a compiled HLO module: ops per kind, and the bytes all-reduced per step.
 
-
-def collectives(hlo: str, loop_trips: int) -> dict[str, int]:
-  """Collectives of a compiled HLO module: count per kind, and the bytes all-reduced per step.
-
-  An all-reduce's operands are as large as its results, which the HLO line spells out. Those in a
-  while body (the selection's search loop) run ``loop_trips`` times per step.
+  Parsed by ``plan.collectives`` (the one HLO reader of the project), which counts each
+  collective once per execution (loop trips read from the HLO).
   """
-  bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
-  out = {
-    "all-reduce": 0,
-    "all-gather": 0,
-    "all-to-all": 0,
-    "collective-permute": 0,
-    "reduce-scatter": 0,
-    "all_reduce_bytes": 0,
-    "largest_all_reduce_bytes": 0,
-  }
-  computation = None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
-    if head:
-      computation = head.group(1)
-      continue
-    op = re.search(
-      r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|"
-      r"reduce-scatter)(?:-start)?\(",
-      line,
-    )
-    if not op:
-      continue
-    out[op.group(2)] += 1
-    if op.group(2) == "all-reduce":
-      size = sum(
-        _BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", op.group(1))
-      )
-      out["largest_all_reduce_bytes"] = max(out["largest_all_reduce_bytes"], size)
-      out["all_reduce_bytes"] += size * (loop_trips if computation in bodies else 1)
+  from mofo_jax.finetune import plan
+
+  found = plan.collectives(hlo)
+  out = {kind: sum(c.kind == kind for c in found) for kind in plan.COLLECTIVE_KINDS}
+  reduces = [c for c in found if c.kind == "all-reduce"]
+  out["all_reduce_bytes"] = sum(c.bytes * c.times for c in reduces)
+  out["largest_all_reduce_bytes"] = max((c.bytes for c in reduces), default=0)
   return out
 
 

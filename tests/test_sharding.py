@@ -15,7 +15,6 @@ from tests import sharded_model as sm
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 FRACTION = 0.1
-PASSES = 8  # 32 key bits / radix_bits=4: trips of the search loop per step
 
 
 def _opt(partition, selection="exact"):
@@ -162,8 +161,8 @@ def _assert_no_gathers(c):
 
 
 def test_exact_selection_bytes_do_not_grow_with_leaf_size():
-  small = sm.collectives(_compiled_step(1), PASSES)
-  large = sm.collectives(_compiled_step(8), PASSES)
+  small = sm.collectives(_compiled_step(1))
+  large = sm.collectives(_compiled_step(8))
   for c in (small, large):
     _assert_no_gathers(c)
     # Per pass and block: 15 int32 counts, all-reduced (XLA may combine several leaves' counts).
@@ -178,7 +177,7 @@ def test_exact_selection_bytes_do_not_grow_with_leaf_size():
 def test_exact_selection_per_row_and_layer_blocks_send_only_counts():
   # Rows of a row-sharded embedding and layers of a stack sharded along d_in: 64 + 8 blocks.
   partition = {**sm.PARTITIONS["slices"][0], "proj": mofo_jax.BlockSpec()}
-  c = sm.collectives(_compiled_step(1, partition), PASSES)
+  c = sm.collectives(_compiled_step(1, partition))
   _assert_no_gathers(c)
   # Rows are local to their fsdp shard: each device all-reduces (over tp) the counts of its 32
   # rows, of the 8 layers and of the two whole-leaf blocks, 15 int32 each, in one combined op.
@@ -186,7 +185,7 @@ def test_exact_selection_per_row_and_layer_blocks_send_only_counts():
 
 
 def test_per_head_thresholds_are_the_only_gather():
-  c = sm.collectives(_compiled_step(1, sm.PARTITIONS["slices"][0]), PASSES)
+  c = sm.collectives(_compiled_step(1, sm.PARTITIONS["slices"][0]))
   # state_shardings replicates the thresholds of reshaped blocks: one float per head.
   assert c["all-gather"] <= 1 and c["all-to-all"] == c["collective-permute"] == 0, c
 
@@ -236,7 +235,7 @@ def test_local_selection_reads_explicit_types_and_matches_local_selection():
 
 def test_local_selection_differs_from_exact_and_has_no_collectives():
   local = sm.collectives(
-    _compiled_step(1, selection=lambda m: mofo_jax.local_selection(m, sm.LAYOUTS["2d"][2])), PASSES
+    _compiled_step(1, selection=lambda m: mofo_jax.local_selection(m, sm.LAYOUTS["2d"][2]))
   )
   _assert_no_gathers(local)
   # What is left is the telemetry: one int32 count of kept entries per filtered leaf, summed

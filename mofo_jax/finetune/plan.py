@@ -135,7 +135,13 @@ _SHAPES_3D = {
   256: "4x8x8",
   512: "8x8x8",
 }
-_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVE_KINDS = (
+  "all-gather",
+  "all-reduce",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+)
 _DTYPE_BYTES = {
   "pred": 1,
   "s8": 1,
@@ -495,7 +501,7 @@ def collectives(hlo: str) -> list[Collective]:
         continue
       op = m.group(3)
       kind = op.removesuffix("-start")
-      if kind not in _COLLECTIVES or op.endswith("-done") or _group_size(line) == 1:
+      if kind not in COLLECTIVE_KINDS or op.endswith("-done") or _group_size(line) == 1:
         continue  # groups of one device move nothing
       result = m.group(2)
       operands = m.group(4).split("),", 1)[0]
@@ -698,7 +704,7 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
     ("trainer's pretrained copy (GiB)", [_gib(r.params) for r in results]),
     ("peak = arguments + outputs + temps + copy", [_gib(r.peak) for r in results]),
   ]
-  for kind in _COLLECTIVES:
+  for kind in COLLECTIVE_KINDS:
     if any(c.kind == kind for r in results for c in r.collectives):
       rows.append(
         (f"{kind} per step (MB)", [_mb(_coll_total(r.collectives, kind)) for r in results])
