@@ -3,10 +3,6 @@
 import gc
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import tracemalloc
 
 import jax
@@ -24,9 +20,9 @@ from mofo_jax.finetune.checkpoints_hf import (
 )
 from mofo_jax.finetune.model import param_shardings
 from tests.finetune.conftest import random_model, tiny_config
+from tests.processes import run_workers
 
 AXES = ("data", "fsdp", "tensor")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _mesh(shape):
@@ -214,47 +210,8 @@ def test_loading_onto_a_bad_mesh_fails_before_reading(ckpt, monkeypatch):
 # --- two processes --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
-  port = _free_port()
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": ROOT,
-  }
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "tests.finetune.sharded_load_worker",
-        str(i),
-        str(port),
-        str(ckpt),
-        str(tmp_path),
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    logs = [proc.communicate(timeout=300)[0] for proc in procs]
-  except subprocess.TimeoutExpired:
-    for proc in procs:
-      proc.kill()
-    logs = [proc.communicate()[0] for proc in procs]
-    raise AssertionError("workers timed out:\n" + "\n".join(log[-3000:] for log in logs)) from None
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  run_workers("tests.finetune.sharded_load_worker", ckpt, tmp_path)
 
   total = sum(t.nbytes for t in load_file(ckpt / "model.safetensors").values())
   reports = [json.loads((tmp_path / f"read-{i}.json").read_text()) for i in range(2)]
