@@ -57,6 +57,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--model", default=None)
   p.add_argument("--out-dir", default="ablations_out")
+  p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep's results")
   args = p.parse_args(argv)
   # Half Fine-Tuning freezes matrices layer by layer: keep the layers separate for every run.
   args.eval_every, args.scan_layers = 0, False
@@ -161,6 +162,9 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = Path(args.out_dir)
+  forgetting_demo.refuse_to_overwrite(
+    out, ["ablations.json", "ablations.md", "ablations.png"], args.overwrite
+  )
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
   from mofo_jax.finetune import runner

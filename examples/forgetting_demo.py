@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--model", default=None, help="a .gguf file or HF directory (default: SmolLM2)")
   p.add_argument("--out-dir", default="forgetting_demo_out", help="table, JSON and PNG go here")
+  p.add_argument("--overwrite", action="store_true", help="replace an earlier run's results")
   args = p.parse_args(argv)
   preset = QUICK if args.quick else DEFAULTS
   args.steps = args.steps or preset["steps"]
@@ -202,9 +204,22 @@ def plot(results: dict, path: Path) -> None:
   plt.close(fig)
 
 
+def refuse_to_overwrite(out: Path, names: list[str], overwrite: bool) -> None:
+  """Exits with status 2 before any work if an earlier run's result file would be replaced."""
+  existing = [out / n for n in names if (out / n).exists()]
+  if existing and not overwrite:
+    print(
+      f"error: {existing[0]} exists (an earlier run's result); pass --overwrite or another "
+      "--out-dir",
+      file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = Path(args.out_dir)
+  refuse_to_overwrite(out, ["results.md", "results.json", "forgetting.png"], args.overwrite)
   out.mkdir(parents=True, exist_ok=True)
   results = run_all(args)
   text = table(results)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -54,6 +56,10 @@ def test_forgetting_demo_writes_table_json_and_figure(tiny_checkpoint, tmp_path)
   mofo = results["runs"]["mofo"]["records"][-1]
   adamw = results["runs"]["adamw"]["records"][-1]
   assert mofo["fraction_changed"] < adamw["fraction_changed"]
+  # A rerun into the same directory is refused before any work; the results stay.
+  with pytest.raises(SystemExit) as e:
+    forgetting_demo.main(["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path), *TINY_DEMO])
+  assert e.value.code == 2 and (tmp_path / "results.md").read_text() == table
 
 
 def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):
