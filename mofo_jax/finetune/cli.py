@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--old-text-batches",
     type=int,
     default=2,
-    help="batches of pydoc / Bible text scored for forgetting (default: 2)",
+    help="batches of pydoc / Bible text scored for forgetting, besides the general-knowledge "
+    "cloze prompts; 0 measures neither (default: 2)",
   )
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", choices=OPTIMIZERS, default="mofo", help="(default: mofo)")

@@ -47,6 +47,34 @@ def answer_sums(model: nnx.Module, batch: Batch, stop_ids: jax.Array) -> dict[st
   }
 
 
+def cloze_sums(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+  """Per-batch counts of cloze prompts completed exactly (see :func:`cloze_accuracy`)."""
+  _, pred = token_losses(model, batch)
+  mask = batch["loss_mask"].astype(bool)
+  has = mask.any(axis=1)
+  hit = jnp.all(jnp.where(mask, pred == batch["targets"], True), axis=1)
+  return {"correct": jnp.sum(has & hit, dtype=jnp.float32), "rows": jnp.sum(has, dtype=jnp.float32)}
+
+
+def cloze_accuracy(trainer: Trainer, batches: Sequence[Batch]) -> float:
+  """Fraction of cloze prompts whose completion greedy decoding writes exactly.
+
+  Teacher forcing decides it in one forward pass: greedy decoding writes the completion iff
+  the argmax at every completion position is the completion's token.
+  """
+  t = trainer.evaluate(cloze_sums, batches)
+  return t.get("correct", 0.0) / max(t.get("rows", 0.0), 1.0)
+
+
+def cloze_batches(tokenizer, batch_size: int) -> list[Batch]:
+  """The general-knowledge cloze prompts (``data.CLOZE_ITEMS``), one per row."""
+  from mofo_jax.finetune.data.templates import tokenize_example
+
+  examples = [tokenize_example(tokenizer, p, a) for p, a in data_lib.CLOZE_ITEMS]
+  # Rows only as long as the longest prompt: the set is scored at every evaluation.
+  return one_per_row(examples, max(len(ids) for ids, _ in examples) - 1, batch_size)
+
+
 def eval_loss(trainer: Trainer, batches: Sequence[Batch]) -> float:
   """Mean masked next-token loss over ``batches`` (weighted by token count)."""
   t = trainer.evaluate(loss_sums, batches)
@@ -121,17 +149,22 @@ class Evaluator:
     task_batches: one problem per row, the loss mask on the answer and its end token.
     stop_ids: tokens that end a number (see :func:`number_stop_ids`).
     old_text: name -> batches of held-out general text (every position scored).
+    cloze: general-knowledge cloze prompts, one per row (see :func:`cloze_batches`); empty
+      measures none.
   """
 
   task_batches: list[Batch]
   stop_ids: np.ndarray
   old_text: dict[str, list[Batch]]
+  cloze: list[Batch] = dataclasses.field(default_factory=list)
 
   def __call__(self, trainer: Trainer) -> dict[str, float]:
     accuracy, answer_loss = answer_accuracy(trainer, self.task_batches, self.stop_ids)
     out = {"task_accuracy": accuracy, "task_answer_loss": answer_loss}
     for name, batches in self.old_text.items():
       out[f"{name}_loss"] = eval_loss(trainer, batches)
+    if self.cloze:
+      out["cloze_accuracy"] = cloze_accuracy(trainer, self.cloze)
     out.update(trainer.distance_from_pretrained())
     return out
 

@@ -155,12 +155,14 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) ->
   old_text = evaluation.old_capability_batches(
     hf_tok, d.seq_len, cfg.eval.old_text_batches, d.batch_size, warn=warn
   )
+  # Old capability measured at all: the text losses and the general-knowledge cloze prompts.
+  cloze = evaluation.cloze_batches(hf_tok, d.batch_size) if cfg.eval.old_text_batches else []
   return Prepared(
     model_config,
     model,
     tok,
     train_examples,
-    evaluation.Evaluator(task_batches, stop_ids, old_text),
+    evaluation.Evaluator(task_batches, stop_ids, old_text, cloze),
     _prepared_key(_resolved(cfg)),
   )
 

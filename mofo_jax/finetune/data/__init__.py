@@ -1,6 +1,7 @@
 """Data for fine-tuning: instruction JSONL, packing, the arithmetic task, eval corpora."""
 
 from .arithmetic import ArithmeticProblem, ArithmeticTask, exact_match, parse_answer
+from .cloze import CLOZE_ITEMS
 from .corpora import bible_text, eval_batches, pydoc_topics_text
 from .jsonl import InstructionRecord, load_jsonl
 from .packing import BATCH_KEYS, batch_iterator, pack_examples
@@ -15,6 +16,7 @@ __all__ = [
   "ArithmeticProblem",
   "ArithmeticTask",
   "BATCH_KEYS",
+  "CLOZE_ITEMS",
   "InstructionRecord",
   "JinjaChatTemplate",
   "TokenizedExample",

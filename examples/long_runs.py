@@ -1,0 +1,139 @@
+"""The paper's regime on CPU: long fine-tuning runs at one learning rate, evaluated every 50 steps.
+
+Every run fine-tunes SmolLM2-135M from the same pretrained weights on the same arithmetic
+problems in the same order, with the paper's protocol: the same peak learning rate (2e-5) and
+a cosine schedule for every optimizer, 400 steps. AdamW at 1e-5 adds a point to the frontier.
+Each evaluation measures new-task skill (answer accuracy and loss), forgetting (pydoc and Bible
+loss, the general-knowledge cloze prompts) and the distance from the pretrained weights.
+
+Each run checkpoints every 50 steps: run the script again (same flags) and it resumes every
+unfinished run where it stopped and skips the finished ones, so the sweep survives a killed
+process or the end of a session. ``--report`` writes the table (per evaluation step) and the
+figures from whatever has finished, without training.
+
+Run: python examples/long_runs.py                 (6 runs of 400 steps: ~35 min each, 2 CPU cores)
+     python examples/long_runs.py --runs adamw,mofo-0.1
+     python examples/long_runs.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# name -> (label, optimizer settings that differ from the sweep's)
+RUNS = {
+  "adamw": ("AdamW", dict(name="adamw")),
+  "mofo-0.1": ("MoFO 0.1", dict(name="mofo", fraction=0.1)),
+  "mofo-0.15": ("MoFO 0.15", dict(name="mofo", fraction=0.15)),
+  "adamw-lr1e-5": ("AdamW lr 1e-5", dict(name="adamw", learning_rate=1e-5)),
+  "adamw-l2": ("AdamW + L2 to pretrained", dict(name="adamw-l2")),
+  "hft": ("Half Fine-Tuning", dict(name="hft")),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
+  p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {list(RUNS)}")
+  p.add_argument("--steps", type=int, default=400)
+  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of every run")
+  p.add_argument("--l2", type=float, default=1e-2, help="strength of the L2 baseline")
+  p.add_argument("--difficulty", type=int, default=2)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--warmup-steps", type=int, default=10)
+  p.add_argument("--task-eval", type=int, default=128, help="held-out problems scored")
+  p.add_argument("--old-batches", type=int, default=4, help="batches of pydoc / Bible text")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--model", default=None, help="a .gguf file or HF directory (default: SmolLM2)")
+  p.add_argument("--out-dir", default="long_runs_out")
+  p.add_argument("--report", action="store_true", help="only write the table and figures")
+  args = p.parse_args(argv)
+  unknown = [r for r in args.runs.split(",") if r not in RUNS]
+  if unknown:
+    p.error(f"--runs: unknown run {unknown[0]!r}; known: {', '.join(RUNS)}")
+  return args
+
+
+def run_config(args, name: str):
+  """The run ``name`` of the sweep, writing under ``--out-dir/name``."""
+  from mofo_jax.finetune import run_config as rc
+  from mofo_jax.finetune.optimizers import OptimizerConfig
+
+  settings = dict(
+    learning_rate=args.lr,
+    warmup_steps=args.warmup_steps,
+    total_steps=args.steps,
+    l2_strength=args.l2,
+    seed=args.seed,
+  )
+  ckpt = Path(args.out_dir) / name / "checkpoints"
+  return rc.RunConfig(
+    # Half Fine-Tuning freezes matrices layer by layer: every run keeps the layers separate.
+    model=rc.ModelSettings(path=args.model, scan_layers=False),
+    data=rc.DataSettings(
+      difficulty=args.difficulty,
+      train_examples=max(4000, args.steps * args.batch_size),
+      seq_len=args.seq_len,
+      batch_size=args.batch_size,
+      seed=args.seed,
+    ),
+    optimizer=OptimizerConfig(**{**settings, **RUNS[name][1]}),
+    steps=args.steps,
+    mesh="data=1",
+    eval=rc.EvalSettings(
+      eval_examples=args.task_eval, old_text_batches=args.old_batches, eval_every=args.eval_every
+    ),
+    output=rc.OutputSettings(
+      output_dir=str(Path(args.out_dir) / name / "results"),
+      checkpoint_dir=str(ckpt),
+      checkpoint_every=args.eval_every,
+      keep_checkpoints=1,
+      resume=(ckpt / "run_config.json").exists(),
+      progress=False,
+    ),
+  )
+
+
+def train(args) -> None:
+  """Runs (or resumes) every unfinished run of ``--runs``, one after another."""
+  from mofo_jax.finetune import runner
+
+  prepared = None
+  for name in args.runs.split(","):
+    cfg = run_config(args, name)
+    done = Path(cfg.output.output_dir) / "summary.json"
+    if done.exists():
+      print(f"== {name}: finished earlier ({done})")
+      continue
+    print(f"== {name}: {'resuming' if cfg.output.resume else 'starting'}", flush=True)
+    prepared = prepared or runner.prepare(cfg)
+    start = time.perf_counter()
+    runner.run(cfg, prepared)
+    timing = Path(args.out_dir) / name / "wall_times.jsonl"
+    with timing.open("a") as f:
+      f.write(json.dumps({"session_s": time.perf_counter() - start}) + "\n")
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if not args.report:
+    try:
+      train(args)
+    except Exception as e:  # a user error of the runner: one line, status 2
+      from mofo_jax.finetune.run_config import UserError
+
+      if isinstance(e, UserError):
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+      raise
+
+
+if __name__ == "__main__":
+  main()
