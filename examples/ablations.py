@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def parse_args(argv=None):
   p.add_argument("--model", default=None)
   p.add_argument("--out-dir", default="ablations_out")
   p.add_argument("--overwrite", action="store_true", help="replace an earlier sweep's results")
+  p.add_argument(
+    "--replot",
+    action="store_true",
+    help="only redraw ablations.png from --out-dir's ablations.json (replaces the figure)",
+  )
   args = p.parse_args(argv)
   # Half Fine-Tuning freezes matrices layer by layer: keep the layers separate for every run.
   args.eval_every, args.scan_layers = 0, False
@@ -83,7 +89,32 @@ def runs_of(args):
   return out
 
 
+GROUP_TITLES = {
+  "lr": "learning rate",
+  "fraction": "MoFO's fraction (lr of the sweep)",
+  "score": "what MoFO ranks by",
+  "baselines": "the paper's baselines",
+}
+
+
+def _limits(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+  """Axis limits that show the bulk of ``values``: an outlier beyond 3x the median spread
+  from the median is left off the scale (and marked at the edge) instead of setting it."""
+  med = statistics.median(values)
+  spread = statistics.median(abs(v - med) for v in values) or max(abs(med), 1e-3)
+  inside = [v for v in values if abs(v - med) <= 6 * spread] or values
+  lo, hi = min(inside), max(inside)
+  margin = (hi - lo) * pad or 1e-3
+  return lo - margin, hi + margin
+
+
 def frontier_plot(results: dict, path: Path) -> None:
+  """Forgetting against learning, one panel per group, the learning-rate sweeps in every panel.
+
+  Down and to the right is better: less forgetting at a lower answer loss. Each panel shows
+  AdamW's learning-rate sweep as the reference to beat; a point far off the others' scale is
+  drawn at the edge with its value, so it cannot squash the rest.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -91,41 +122,46 @@ def frontier_plot(results: dict, path: Path) -> None:
 
   base = results["pretrained"]
   old_keys = [k for k in base if k.endswith("_loss") and not k.startswith("task")]
-  rise = lambda r: sum(r[k] - base[k] for k in old_keys) / len(old_keys)
-  fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-  styles = {"lr": "o", "fraction": "s", "score": "^", "baselines": "D"}
-  for ax, (xkey, xlabel) in zip(
-    axes,
-    [
-      ("task_answer_loss", "new task: answer-token loss"),
-      ("task_accuracy", "new task: answer accuracy"),
-    ],
-  ):
-    for name in ("AdamW", "MoFO"):
-      pts = sorted(
-        (r["final"][xkey], rise(r["final"]))
-        for r in results["runs"].values()
-        if r["group"] == "lr" and r["label"].startswith(name)
-      )
-      if pts:
-        ax.plot(*zip(*pts), "-", alpha=0.5, label=f"{name} learning-rate sweep")
-    for r in results["runs"].values():
-      ax.plot(r["final"][xkey], rise(r["final"]), styles[r["group"]], color="k", ms=5)
-      ax.annotate(
-        r["label"],
-        (r["final"][xkey], rise(r["final"])),
-        fontsize=7,
-        xytext=(3, 3),
-        textcoords="offset points",
-      )
-    ax.plot(base[xkey], 0.0, "*", ms=12, color="gold", mec="k", label="pretrained")
-    ax.set(xlabel=xlabel, ylabel="forgetting: mean rise of old-text loss")
+
+  def point(final):
+    rise = sum(final[k] - base[k] for k in old_keys) / len(old_keys)
+    return final["task_answer_loss"], rise
+
+  runs = list(results["runs"].values())
+  groups = [g for g in GROUP_TITLES if any(r["group"] == g for r in runs)]
+  xs, ys = zip(*[point(r["final"]) for r in runs])
+  xlim, ylim = _limits(list(xs)), _limits([*ys, 0.0])
+  sweep = sorted(point(r["final"]) for r in runs if r["optimizer"]["name"] == "adamw")
+  fig, axes = plt.subplots(
+    1, len(groups), figsize=(4.8 * len(groups), 6.2), sharex=True, sharey=True, squeeze=False
+  )
+  colors = plt.get_cmap("tab10").colors
+  for ax, group in zip(axes[0], groups):
+    ax.axhline(0.0, color="goldenrod", lw=1.5, label="no forgetting (pretrained)")
+    if sweep and group != "lr":
+      ax.plot(*zip(*sweep), "--", color="0.6", label="AdamW lr sweep (reference)")
+    members = [r for r in runs if r["group"] == group]
+    for i, r in enumerate(members):
+      x, y = point(r["final"])
+      cx, cy = min(max(x, xlim[0]), xlim[1]), min(max(y, ylim[0]), ylim[1])
+      off_scale = (cx, cy) != (x, y)
+      label = r["label"] + (f" (off scale: {x:.3f}, {y:+.3f})" if off_scale else "")
+      marker = "^" if off_scale else "os^Dv<>p"[i % 8]
+      ax.plot(cx, cy, marker, ms=8, color=colors[i % 10], mec="k", label=label, zorder=4)
+    if group == "lr":
+      for name, style in (("adamw", "-"), ("mofo", ":")):
+        line = sorted(point(r["final"]) for r in members if r["optimizer"]["name"] == name)
+        if len(line) > 1:
+          ax.plot(*zip(*line), style, color="0.4", lw=1)
+    ax.set(title=GROUP_TITLES[group], xlabel="new task: answer-token loss", xlim=xlim, ylim=ylim)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  axes[0].invert_xaxis()
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=1)
+  axes[0][0].set_ylabel("forgetting: mean rise of old-text loss")
+  axes[0][0].invert_xaxis()
   fig.suptitle(
-    "Forgetting against learning (down and right is better): SmolLM2-135M, "
-    f"{results['settings']['steps']} steps of arithmetic"
+    "Forgetting against learning (lower right is better): SmolLM2-135M, "
+    f"{results['settings']['steps']} steps of arithmetic; pretrained answer loss "
+    f"{base['task_answer_loss']:.3f}"
   )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -162,6 +198,14 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = Path(args.out_dir)
+  if args.replot:
+    saved = out / "ablations.json"
+    if not saved.exists():
+      raise SystemExit(f"error: --replot: {saved} does not exist")
+    results = json.loads(saved.read_text())
+    frontier_plot(results, out / "ablations.png")
+    print(f"wrote {out / 'ablations.png'}")
+    return results
   forgetting_demo.refuse_to_overwrite(
     out, ["ablations.json", "ablations.md", "ablations.png"], args.overwrite
   )

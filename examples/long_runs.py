@@ -121,18 +121,116 @@ def train(args) -> None:
       f.write(json.dumps({"session_s": time.perf_counter() - start}) + "\n")
 
 
+def evaluations(out_dir: Path, name: str) -> list[dict]:
+  """The evaluation records a run has logged so far (the pretrained baseline first)."""
+  path = out_dir / name / "results" / "metrics.jsonl"
+  if not path.exists():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if r.get("kind") == "eval"]
+
+
+COLUMNS = [
+  ("answer loss", lambda r, b: f"{r['task_answer_loss']:.3f}"),
+  ("accuracy", lambda r, b: f"{r['task_accuracy']:.1%}"),
+  ("pydoc rise", lambda r, b: f"{r['pydoc_loss'] - b['pydoc_loss']:+.3f}"),
+  ("Bible rise", lambda r, b: f"{r['bible_loss'] - b['bible_loss']:+.3f}"),
+  ("cloze kept", lambda r, b: f"{r['cloze_accuracy']:.1%}"),
+  ("L2", lambda r, b: f"{r['l2_from_pretrained']:.2f}"),
+  ("changed", lambda r, b: f"{r['fraction_changed']:.1%}"),
+]
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+  """Markdown: one row per run and evaluation step."""
+  out = ["| run | step | " + " | ".join(c for c, _ in COLUMNS) + " |"]
+  out.append("|---|---|" + "---|" * len(COLUMNS))
+  for name, records in runs.items():
+    for r in records:
+      cells = " | ".join(f(r, records[0]) for _, f in COLUMNS)
+      out.append(f"| {RUNS[name][0]} | {r['step']} | {cells} |")
+  return "\n".join(out)
+
+
+def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
+  """Curves over steps (skill, forgetting, knowledge, distance) and the frontier, one color a run."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = [
+    ("New task: answer-token loss", lambda r, b: r["task_answer_loss"]),
+    ("New task: answer accuracy", lambda r, b: r["task_accuracy"]),
+    ("Forgetting: rise of pydoc loss", lambda r, b: r["pydoc_loss"] - b["pydoc_loss"]),
+    ("Forgetting: rise of Bible loss", lambda r, b: r["bible_loss"] - b["bible_loss"]),
+    ("General knowledge: cloze prompts kept", lambda r, b: r["cloze_accuracy"]),
+    ("Distance from pretrained (L2)", lambda r, b: r["l2_from_pretrained"]),
+  ]
+  fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
+  flat = list(axes.flat)
+  frontier = [("pydoc", flat[6]), ("Bible", flat[7])]
+  for name, records in runs.items():
+    style = dict(marker="o", ms=3, label=RUNS[name][0])
+    steps = [r["step"] for r in records]
+    for ax, (_, value) in zip(flat, panels):
+      ax.plot(steps, [value(r, records[0]) for r in records], **style)
+    loss = [r["task_answer_loss"] for r in records]
+    for corpus, ax in frontier:
+      key = f"{corpus.lower()}_loss"
+      ax.plot(loss, [r[key] - records[0][key] for r in records], **style)
+  for ax, (heading, _) in zip(flat, panels):
+    ax.set(title=heading, xlabel="step")
+  for corpus, ax in frontier:
+    ax.set(
+      title=f"Forgetting ({corpus}) against learning",
+      xlabel="answer-token loss (lower: learned more)",
+      ylabel=f"rise of {corpus} loss",
+    )
+    ax.invert_xaxis()
+  for ax in flat:
+    ax.grid(alpha=0.3)
+  flat[0].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def report(args) -> None:
+  """Writes long_runs.md, long_runs.json and long_runs.png from the runs logged so far."""
+  out = Path(args.out_dir)
+  runs = {n: r for n in args.runs.split(",") if (r := evaluations(out, n))}
+  if not runs:
+    print(f"error: --out-dir {out}: no run has logged an evaluation yet", file=sys.stderr)
+    raise SystemExit(2)
+  text = table(runs)
+  (out / "long_runs.md").write_text(text + "\n")
+  (out / "long_runs.json").write_text(json.dumps(runs, indent=1))
+  title = (
+    f"SmolLM2-135M, arithmetic difficulty {args.difficulty}, lr {args.lr:g} (cosine, warmup "
+    f"{args.warmup_steps}), batch {args.batch_size} x {args.seq_len} tokens"
+  )
+  plot(runs, out / "long_runs.png", title)
+  print(text)
+  print(f"\nwrote {out / 'long_runs.md'}, {out / 'long_runs.json'} and {out / 'long_runs.png'}")
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
-  if not args.report:
-    try:
-      train(args)
-    except Exception as e:  # a user error of the runner: one line, status 2
-      from mofo_jax.finetune.run_config import UserError
+  if args.report:
+    report(args)
+    return
+  try:
+    train(args)
+  except Exception as e:  # a user error of the runner: one line, status 2
+    from mofo_jax.finetune.run_config import UserError
 
-      if isinstance(e, UserError):
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-      raise
+    if isinstance(e, UserError):
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(2) from None
+    raise
+  report(args)
 
 
 if __name__ == "__main__":

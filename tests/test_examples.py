@@ -45,21 +45,50 @@ def test_quickstart_fits_and_prints_telemetry():
 def test_forgetting_demo_writes_table_json_and_figure(tiny_checkpoint, tmp_path):
   import forgetting_demo
 
-  results = forgetting_demo.main(
-    ["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path), *TINY_DEMO]
-  )
+  flags = ["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path), "--seeds", "0,1"]
+  results = forgetting_demo.main([*flags, *TINY_DEMO])
   assert set(results["runs"]) == {"adamw", "mofo"}
-  assert [r["step"] for r in results["runs"]["mofo"]["records"]] == [0, 1, 2]
+  seeds = results["runs"]["mofo"]["seeds"]
+  assert list(seeds) == ["0", "1"]
+  assert [r["step"] for r in seeds["1"]["records"]] == [0, 1, 2]
+  # Another seed holds out other problems: the baselines differ.
+  assert seeds["0"]["records"][0] != seeds["1"]["records"][0]
   table = (tmp_path / "results.md").read_text()
   assert "| metric | pretrained | AdamW | MoFO |" in table and "forgetting" in table
+  assert " ± " in table and "over seeds 0, 1" in table and "than AdamW | - | - |" in table
+  assert "cloze prompts completed" in table
   assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
-  mofo = results["runs"]["mofo"]["records"][-1]
-  adamw = results["runs"]["adamw"]["records"][-1]
-  assert mofo["fraction_changed"] < adamw["fraction_changed"]
+  for seed in ("0", "1"):
+    mofo = results["runs"]["mofo"]["seeds"][seed]["records"][-1]
+    adamw = results["runs"]["adamw"]["seeds"][seed]["records"][-1]
+    assert mofo["fraction_changed"] < adamw["fraction_changed"]
   # A rerun into the same directory is refused before any work; the results stay.
   with pytest.raises(SystemExit) as e:
-    forgetting_demo.main(["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path), *TINY_DEMO])
+    forgetting_demo.main([*flags, *TINY_DEMO])
   assert e.value.code == 2 and (tmp_path / "results.md").read_text() == table
+
+
+def test_demo_table_of_one_seed_has_no_spread_and_of_three_the_sample_sd():
+  import forgetting_demo
+
+  def run(accuracy, pydoc):
+    before = {"step": 0, "task_accuracy": 0.0, "task_answer_loss": 2.0, "pydoc_loss": 3.0}
+    before |= {"l2_from_pretrained": 0.0, "fraction_changed": 0.0}
+    after = {**before, "step": 4, "task_accuracy": accuracy, "pydoc_loss": pydoc}
+    return {"records": [before, after], "wall_s": 10.0}
+
+  one = {"runs": {"adamw": {"seeds": {"0": run(0.5, 3.1)}}}}
+  assert "| new task: answer accuracy | 0.0% | 50.0% |" in forgetting_demo.table(one)
+  three = {
+    "runs": {
+      "adamw": {"seeds": {s: run(0.5, 3.1) for s in "012"}},
+      "mofo": {"seeds": {"0": run(0.2, 3.0), "1": run(0.4, 3.2), "2": run(0.6, 3.05)}},
+    }
+  }
+  text = forgetting_demo.table(three)
+  assert "| 50.0% ± 0.0% | 40.0% ± 20.0% |" in text
+  assert "| rise of pydoc loss (forgetting) | - | +0.100 ± 0.000 | +0.083 ± 0.104 |" in text
+  assert "| seeds forgetting less pydoc than AdamW | - | - | 2 of 3 |" in text
 
 
 def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):

@@ -70,7 +70,8 @@ class EvalSettings:
 
   Attributes:
     eval_examples: held-out task examples scored for accuracy.
-    old_text_batches: batches of pydoc / Bible text scored for forgetting.
+    old_text_batches: batches of pydoc / Bible text scored for forgetting; when above 0 the
+      general-knowledge cloze prompts are scored too.
     eval_every: evaluate every this many steps besides the start and the end (0: never).
     at_start: evaluate the pretrained model before the first step (the baseline).
   """

@@ -460,3 +460,19 @@ def test_smollm2_greedy_says_paris(smollm2):
   out = np.asarray(greedy_generate(model, jnp.asarray([prompt]), 4))
   continuation = tok.decode(out[0, len(prompt) :])
   assert continuation.startswith(" Paris"), continuation
+
+
+def test_smollm2_completes_every_cloze_prompt_before_fine_tuning(smollm2):
+  # The cloze set was kept to the prompts the pretrained model completes: its baseline is 1.
+  from flax import nnx
+
+  from mofo_jax.finetune import evaluation
+  from mofo_jax.finetune.data import CLOZE_ITEMS
+
+  _, model, tok = smollm2
+  batches = evaluation.cloze_batches(tok.tokenizer, 16)
+  assert len({p for p, _ in CLOZE_ITEMS}) == len(CLOZE_ITEMS) >= 100  # no prompt twice
+  score = nnx.jit(evaluation.cloze_sums)
+  totals = [score(model, {k: jnp.asarray(v) for k, v in b.items()}) for b in batches]
+  assert sum(float(t["rows"]) for t in totals) == len(CLOZE_ITEMS)
+  assert sum(float(t["correct"]) for t in totals) == len(CLOZE_ITEMS)

@@ -224,6 +224,20 @@ def test_answer_accuracy_scores_greedy_exact_match():
   assert evaluation.answer_accuracy(trainer, [greedy], np.zeros(VOCAB, bool))[0] == 0.0
 
 
+def test_cloze_accuracy_counts_rows_whose_every_completion_token_is_the_argmax():
+  trainer = make()
+  (b,) = evaluation.one_per_row(examples(4, seed=5), 16, 4)
+  _, pred = token_losses(trainer.model(), b)
+  mask = b["loss_mask"] > 0
+  greedy = np.where(mask, np.asarray(pred), b["targets"])
+  assert evaluation.cloze_accuracy(trainer, [{**b, "targets": greedy}]) == 1.0
+  # One completion token off in the first row (its last masked position) fails only that row.
+  row, col = 0, np.flatnonzero(mask[0])[-1]
+  off = greedy.copy()
+  off[row, col] = (off[row, col] + 1) % VOCAB
+  assert evaluation.cloze_accuracy(trainer, [{**b, "targets": off}]) == 0.75
+
+
 @pytest.mark.parametrize(
   "spec, err",
   [
