@@ -152,6 +152,47 @@ def table(runs: dict[str, list[dict]]) -> str:
   return "\n".join(out)
 
 
+def _interpolate(x: float, points: list[tuple[float, float]]) -> float | None:
+  """y at ``x`` on the polyline through ``points`` (sorted by x); None outside its range."""
+  points = sorted(points)
+  for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    if x0 <= x <= x1:
+      return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+  return None
+
+
+def equal_learning(runs: dict[str, list[dict]], reference: str = "adamw") -> str:
+  """Markdown: each run's forgetting next to the reference's at the same answer-token loss.
+
+  The reference's forgetting is interpolated along its own trajectory (answer loss, rise) at
+  the loss the run reached, so a run that learns more slowly per step is compared with the
+  reference when it had learned as much, not after as many steps.
+  """
+  if reference not in runs:
+    return ""
+  ref = runs[reference]
+  out = [
+    f"| run | step | answer loss | pydoc rise | {RUNS[reference][0]}'s at that loss | "
+    f"Bible rise | {RUNS[reference][0]}'s at that loss |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for name, records in runs.items():
+    if name == reference:
+      continue
+    for r in records[1:]:
+      cells = []
+      for key in ("pydoc_loss", "bible_loss"):
+        line = [(e["task_answer_loss"], e[key] - ref[0][key]) for e in ref]
+        at = _interpolate(r["task_answer_loss"], line)
+        cells += [f"{r[key] - records[0][key]:+.3f}", "-" if at is None else f"{at:+.3f}"]
+      out.append(
+        f"| {RUNS[name][0]} | {r['step']} | {r['task_answer_loss']:.3f} | "
+        + " | ".join(cells)
+        + " |"
+      )
+  return "\n".join(out)
+
+
 def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
   """Curves over steps (skill, forgetting, knowledge, distance) and the frontier, one color a run."""
   import matplotlib
@@ -205,6 +246,9 @@ def report(args) -> None:
     print(f"error: --out-dir {out}: no run has logged an evaluation yet", file=sys.stderr)
     raise SystemExit(2)
   text = table(runs)
+  if paired := equal_learning(runs):
+    text += "\n\nAt equal learning (the reference interpolated at each run's answer loss):\n\n"
+    text += paired
   (out / "long_runs.md").write_text(text + "\n")
   (out / "long_runs.json").write_text(json.dumps(runs, indent=1))
   title = (

@@ -137,3 +137,51 @@ def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path):
   assert (tmp_path / "nb" / "forgetting.png").is_file()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_long_runs_train_resume_skip_and_report(tiny_checkpoint, tmp_path, capsys):
+  import long_runs
+
+  flags = ["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path), "--runs", "adamw,mofo-0.1"]
+  tiny = ["--steps", "2", "--eval-every", "1", "--difficulty", "1", "--seq-len", "128"]
+  tiny += ["--lr", "1e-2", "--task-eval", "8", "--old-batches", "1"]
+  long_runs.main([*flags, *tiny])
+  out = capsys.readouterr().out
+  assert "== adamw: starting" in out and "== mofo-0.1: starting" in out
+  for name in ("adamw", "mofo-0.1"):
+    steps = [r["step"] for r in long_runs.evaluations(tmp_path, name)]
+    assert steps == [0, 1, 2]
+  # A second invocation skips finished runs and only rewrites the report.
+  long_runs.main([*flags, *tiny])
+  assert capsys.readouterr().out.count("finished earlier") == 2
+  report = (tmp_path / "long_runs.md").read_text()
+  assert "| MoFO 0.1 | 2 |" in report and "At equal learning" in report
+  assert (tmp_path / "long_runs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_runs_compare_at_equal_answer_loss(tmp_path):
+  import long_runs
+
+  def write(name, points):
+    d = tmp_path / name / "results"
+    d.mkdir(parents=True)
+    base = {"pydoc_loss": 3.0, "bible_loss": 3.5, "cloze_accuracy": 1.0}
+    base |= {"task_accuracy": 0.0, "l2_from_pretrained": 0.0, "fraction_changed": 0.0}
+    lines = [
+      {**base, "kind": "eval", "step": 50 * i, "task_answer_loss": loss, "pydoc_loss": 3.0 + rise}
+      for i, (loss, rise) in enumerate(points)
+    ]
+    lines.insert(1, {"kind": "train", "step": 1, "loss": 9.0})  # train lines are not evaluations
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+  write("adamw", [(2.0, 0.0), (1.0, 0.2)])
+  write("mofo-0.1", [(2.0, 0.0), (1.5, 0.05), (0.5, 0.3)])
+  long_runs.main(["--report", "--out-dir", str(tmp_path), "--runs", "adamw,mofo-0.1,hft"])
+  report = (tmp_path / "long_runs.md").read_text()
+  # At MoFO's loss 1.5 AdamW had risen +0.100 (halfway); at 0.5 AdamW never got there.
+  assert "| MoFO 0.1 | 50 | 1.500 | +0.050 | +0.100 |" in report
+  assert "| MoFO 0.1 | 100 | 0.500 | +0.300 | - |" in report
+  assert "Half Fine-Tuning" not in report  # no evaluation logged: left out
+  with pytest.raises(SystemExit) as e:
+    long_runs.main(["--report", "--out-dir", str(tmp_path / "empty")])
+  assert e.value.code == 2
