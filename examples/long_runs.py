@@ -43,7 +43,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--eval-every", type=int, default=50)
   p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of every run")
-  p.add_argument("--l2", type=float, default=1e-2, help="strength of the L2 baseline")
+  p.add_argument(
+    "--l2", type=float, default=1.0, help="strength of the L2 baseline (as examples/ablations.py)"
+  )
   p.add_argument("--difficulty", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=64)
@@ -168,7 +170,7 @@ def equal_learning(runs: dict[str, list[dict]], reference: str = "adamw") -> str
   the loss the run reached, so a run that learns more slowly per step is compared with the
   reference when it had learned as much, not after as many steps.
   """
-  if reference not in runs:
+  if reference not in runs or len(runs) < 2:
     return ""
   ref = runs[reference]
   out = [
