@@ -72,13 +72,14 @@ def run_config(args, name: str):
     learning_rate=args.lr,
     warmup_steps=args.warmup_steps,
     total_steps=args.steps,
-    l2_strength=args.l2,
     seed=args.seed,
   )
+  if RUNS[name][1]["name"] == "adamw-l2":  # the other runs keep the default, unused
+    settings["l2_strength"] = args.l2
   ckpt = Path(args.out_dir) / name / "checkpoints"
   return rc.RunConfig(
     # Half Fine-Tuning freezes matrices layer by layer: every run keeps the layers separate.
-    model=rc.ModelSettings(path=args.model, scan_layers=False),
+    model=rc.ModelSettings(path=args.model and str(Path(args.model).resolve()), scan_layers=False),
     data=rc.DataSettings(
       difficulty=args.difficulty,
       train_examples=max(4000, args.steps * args.batch_size),
@@ -105,6 +106,7 @@ def run_config(args, name: str):
 
 def train(args) -> None:
   """Runs (or resumes) every unfinished run of ``--runs``, one after another."""
+  from mofo_jax.finetune import run_config as rc
   from mofo_jax.finetune import runner
 
   prepared = None
@@ -112,6 +114,18 @@ def train(args) -> None:
     cfg = run_config(args, name)
     done = Path(cfg.output.output_dir) / "summary.json"
     if done.exists():
+      # Skip only the same run: a finished run of other settings would mix into the report.
+      saved = rc.RunConfig.from_dict(json.loads(done.read_text())["config"])
+      changed = rc.differences(saved, cfg)
+      if cfg.optimizer.name != "adamw-l2":  # the strength only acts in the L2 run
+        changed = [c for c in changed if not c.startswith("optimizer.l2_strength")]
+      changed += [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in ("steps", "eval")
+                  if getattr(saved, k) != getattr(cfg, k)]  # fmt: skip
+      if changed:
+        raise rc.UserError(
+          f"--out-dir {args.out_dir}: run {name} finished with other settings "
+          f"({'; '.join(changed)}); use another --out-dir"
+        )
       print(f"== {name}: finished earlier ({done})")
       continue
     print(f"== {name}: {'resuming' if cfg.output.resume else 'starting'}", flush=True)
@@ -267,15 +281,13 @@ def main(argv=None) -> None:
   if args.report:
     report(args)
     return
+  from mofo_jax.finetune.run_config import UserError
+
   try:
     train(args)
-  except Exception as e:  # a user error of the runner: one line, status 2
-    from mofo_jax.finetune.run_config import UserError
-
-    if isinstance(e, UserError):
-      print(f"error: {e}", file=sys.stderr)
-      raise SystemExit(2) from None
-    raise
+  except UserError as e:  # one line, status 2
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   report(args)
 
 

@@ -157,6 +157,11 @@ def test_long_runs_train_resume_skip_and_report(tiny_checkpoint, tmp_path, capsy
   report = (tmp_path / "long_runs.md").read_text()
   assert "| MoFO 0.1 | 2 |" in report and "At equal learning" in report
   assert (tmp_path / "long_runs.png").read_bytes()[:4] == b"\x89PNG"
+  # Other settings into the same directory are refused, not skipped into a mixed report.
+  with pytest.raises(SystemExit) as e:
+    long_runs.main([*flags, *tiny[:-6], "--lr", "3e-2", *tiny[-4:]])
+  assert e.value.code == 2
+  assert "finished with other settings" in capsys.readouterr().err
 
 
 def test_long_runs_compare_at_equal_answer_loss(tmp_path):

@@ -68,9 +68,7 @@ def cloze_accuracy(trainer: Trainer, batches: Sequence[Batch]) -> float:
 
 def cloze_batches(tokenizer, batch_size: int) -> list[Batch]:
   """The general-knowledge cloze prompts (``data.CLOZE_ITEMS``), one per row."""
-  from mofo_jax.finetune.data.templates import tokenize_example
-
-  examples = [tokenize_example(tokenizer, p, a) for p, a in data_lib.CLOZE_ITEMS]
+  examples = [data_lib.tokenize_example(tokenizer, p, a) for p, a in data_lib.CLOZE_ITEMS]
   # Rows only as long as the longest prompt: the set is scored at every evaluation.
   return one_per_row(examples, max(len(ids) for ids, _ in examples) - 1, batch_size)
 
