@@ -21,7 +21,7 @@ would all-reduce 256 KiB per block and pass, where counting all-reduces 60 bytes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -427,6 +427,33 @@ def zero_thresholds(
   ]
 
 
+def materialised(fn: Callable[[], list[jax.Array]], never_negative: jax.Array) -> list[jax.Array]:
+  """``fn()``, computed once into buffers that every later consumer reads.
+
+  The search for a threshold and the mask compared with it both read the scores. Were the scores
+  an expression (``b1 * mu + (1 - b1) * g``), XLA could recompute it inside each consumer's
+  fusion, with different rounding (FMA contraction, constants folded into the producer chain
+  in one fusion and not in another), and the mask would then
+  disagree with the threshold and with the count reported (measured on XLA:CPU: the k-th entry
+  dropped on ~10% of steps of a program that does not output the new state).
+  ``lax.optimization_barrier`` does not prevent this: XLA:CPU removes barriers before fusion.
+  The operands and results of a ``while`` loop are buffers on every backend, and no fusion
+  reaches through a loop, so ``fn()`` is passed through one whose trip count is 0 at run time
+  but unknown to the compiler, which therefore keeps it. The body, never run, changes its carry:
+  a body recomputing ``fn()`` is loop-invariant, and XLA hoists it and then drops the loop (seen
+  on XLA:CPU with boolean masks).
+
+  ``never_negative`` is a traced scalar that is never negative at run time (a step count, which
+  saturates, or a threshold): it makes the trip count.
+  """
+  trips = (never_negative < 0).astype(jnp.int32)
+
+  def body(i, carry):
+    return [~x if x.dtype == jnp.bool_ else x + 1 for x in carry]
+
+  return lax.fori_loop(0, trips, body, fn())
+
+
 def masks_from_thresholds(
   scores: list[jax.Array],
   filtered: list[bool],
@@ -434,15 +461,21 @@ def masks_from_thresholds(
   taus: list[jax.Array],
   counts: list[_counts.Count] | None,
   is_global: bool,
+  materialise: bool = False,
 ) -> tuple[list[jax.Array | None], list[jax.Array], list[jax.Array]]:
   """Masks, entries kept and thresholds per leaf, from the filtered leaves' thresholds (and
-  per-block counts, when the search gives them)."""
+  per-block counts, when the search gives them). With ``materialise``, the masks are computed
+  once into buffers (see :func:`materialised`), which the update and the count both read: for
+  scores that are an expression XLA may recompute, with other rounding, in each fusion."""
   idx = [i for i, f in enumerate(filtered) if f]
   masks: list[jax.Array | None] = [None] * len(scores)
   kept = [_counts.to_array(_counts.constant(np.size(s))) for s in scores]
   thresholds = [jnp.zeros((), jnp.float32) for _ in scores]
+  block_masks = [block_mask(scores[i], specs[i], tau) for i, tau in zip(idx, taus)]
+  if materialise and idx:
+    block_masks = materialised(lambda: block_masks, jnp.min(taus[0]))
   for j, (i, tau) in enumerate(zip(idx, taus)):
-    masks[i] = block_mask(scores[i], specs[i], tau)
+    masks[i] = block_masks[j]
     thresholds[i] = tau
     # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
     # count: count this leaf's own entries.

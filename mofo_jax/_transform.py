@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from mofo_jax import _approx
 from mofo_jax import _counts
@@ -151,24 +150,6 @@ def _init_telemetry(
   return _telemetry.init_telemetry(
     tree, treedef.unflatten(selection.initial_thresholds(leaves, filtered, specs))
   )
-
-
-def _materialised(fn: Callable[[], list[jax.Array]], step: jax.Array) -> list[jax.Array]:
-  """``fn()``, computed once into buffers that every later consumer reads.
-
-  The search for a threshold and the mask compared with it both read the scores. Were the scores
-  an expression (``b1 * mu + (1 - b1) * g``), XLA could recompute it inside each consumer's
-  fusion, with different rounding (FMA contraction, vector width), and the mask would then
-  disagree with the threshold and with the count reported (measured on XLA:CPU: the k-th entry
-  dropped on ~10% of steps of a program that does not output the new state).
-  ``lax.optimization_barrier`` does not prevent this: XLA:CPU removes barriers before fusion.
-  The operands and results of a ``while`` loop are buffers on every backend, and no fusion
-  reaches through a loop, so ``fn()`` is passed through one whose trip count is 0 at run time
-  (``step`` is never negative: counts saturate) but unknown to the compiler, which therefore
-  keeps it. Were it run, its body would compute the same ``fn()``.
-  """
-  trips = (step < 0).astype(jnp.int32)
-  return lax.fori_loop(0, trips, lambda i, c: fn(), fn())
 
 
 def resolve_selection(selection: SelectionLike) -> _selection.Selection:
@@ -327,40 +308,69 @@ def scale_by_mofo(
     old_mus, old_nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     nus = [second_moment(g, nu) for g, nu in zip(leaves, old_nus)]
     idx = [i for i, f in enumerate(filtered) if f]
-    mus = [None if f else first_moment(g, mu) for g, mu, f in zip(leaves, old_mus, filtered)]
-    if score == "momentum" and idx:
-      # The search, the mask, the direction and the new state all read one materialised m.
-      new = _materialised(lambda: [first_moment(leaves[i], old_mus[i]) for i in idx], state.count)
-      for i, m in zip(idx, new):
-        mus[i] = m
-    else:
-      for i in idx:
-        mus[i] = first_moment(leaves[i], old_mus[i])
-    directions = [direction(m, v) for m, v in zip(mus, nus)]
-    if score in ("gradient", "update") and idx:
-      base = leaves if score == "gradient" else directions
-      scores = list(base)
-      for j, x in zip(idx, _materialised(lambda: [base[i] for i in idx], state.count)):
-        scores[j] = x
-      if score == "update":
-        directions = scores
-    else:
-      scores = mus
+    mus = [first_moment(g, mu) for g, mu in zip(leaves, old_mus)]
 
-    if score == "random":
-      base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-      masks, kept = [], []
-      for i, (u, f) in enumerate(zip(directions, filtered)):
-        if f:
-          mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
-          masks.append(mask)
-          kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
-        else:
-          masks.append(None)
-          kept.append(_counts.to_array(_counts.constant(u.size)))
-      thresholds = selection.initial_thresholds(directions, filtered, specs)
+    def materialised_mus():
+      # The search, the mask, the direction and the new state all read one materialised m.
+      out = list(mus)
+      new = _selection.materialised(lambda: [mus[i] for i in idx], state.count)
+      for i, m in zip(idx, new):
+        out[i] = m
+      return out
+
+    if score == "momentum" and idx and isinstance(selection, _approx.ApproxSelection):
+
+      def sample_inputs():
+        taus = selection.thresholds(
+          list(zip(leaves, old_mus)), first_moment, filtered, specs, is_global, frac
+        )
+        # +0.0 or -0.0, added to the old moment: the sample's reads of a donated moment buffer
+        # come first by data flow, so XLA need not copy the buffer before updating it in place.
+        after = jnp.where(jnp.min(taus[0]) >= 0, 0.0, -0.0)
+        ms = list(mus)
+        for i in idx:
+          ms[i] = first_moment(leaves[i], old_mus[i] + after.astype(old_mus[i].dtype))
+        # The mask goes into a buffer that the update and the count both read: the moment it
+        # compares is an expression that XLA may recompute, with other rounding, per fusion.
+        return ms, _selection.masks_from_thresholds(
+          ms, filtered, specs, taus, None, is_global, materialise=True
+        )
+
+      def sample_scores():
+        ms = materialised_mus()
+        return ms, selection.select(ms, filtered, specs, is_global, frac)
+
+      mus, (masks, kept, thresholds) = selection.by_platform(sample_inputs, sample_scores)
+      scores = mus
+      directions = [direction(m, v) for m, v in zip(mus, nus)]
     else:
-      masks, kept, thresholds = selection.select(scores, filtered, specs, is_global, frac)
+      if score == "momentum" and idx:
+        mus = materialised_mus()
+      directions = [direction(m, v) for m, v in zip(mus, nus)]
+      if score in ("gradient", "update") and idx:
+        base = leaves if score == "gradient" else directions
+        scores = list(base)
+        for j, x in zip(idx, _selection.materialised(lambda: [base[i] for i in idx], state.count)):
+          scores[j] = x
+        if score == "update":
+          directions = scores
+      else:
+        scores = mus
+
+      if score == "random":
+        base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+        masks, kept = [], []
+        for i, (u, f) in enumerate(zip(directions, filtered)):
+          if f:
+            mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
+            masks.append(mask)
+            kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
+          else:
+            masks.append(None)
+            kept.append(_counts.to_array(_counts.constant(u.size)))
+        thresholds = selection.initial_thresholds(directions, filtered, specs)
+      else:
+        masks, kept, thresholds = selection.select(scores, filtered, specs, is_global, frac)
     masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
 
     new_updates = [
@@ -432,7 +442,7 @@ def keep_top_fraction(
     is_global, specs = _block_specs(partition, updates, filtered)
     idx = [i for i, f in enumerate(filtered) if f]
     if idx:
-      for j, x in zip(idx, _materialised(lambda: [leaves[i] for i in idx], state.count)):
+      for j, x in zip(idx, _selection.materialised(lambda: [leaves[i] for i in idx], state.count)):
         leaves[j] = x
     frac = fraction_at(state.count)
     masks, kept, thresholds = selection.select(leaves, filtered, specs, is_global, frac)

@@ -112,3 +112,39 @@ def test_fraction_kept_matches_exact_for_every_partition_kind(shape, partition):
     updates, _ = jax.jit(opt.update)(x, opt.init(x))
     kept[selection] = float(jnp.mean(updates["w"] != 0))
   assert abs(kept["approx"] - kept["exact"]) < TOLERANCE, kept
+
+
+def test_sample_from_auto_lowers_the_scores_branch_for_cpu_and_inputs_elsewhere():
+  sel = mofo_jax.ApproxSelection()
+  pick = jax.jit(lambda: sel.by_platform(lambda: jnp.int32(1101), lambda: jnp.int32(2202)))
+  assert int(pick()) == 2202
+  for platform in ("tpu", "cuda"):
+    text = pick.trace().lower(lowering_platforms=(platform,)).as_text()
+    assert "1101" in text and "2202" not in text, platform
+
+
+def test_both_samplings_keep_the_fraction_and_find_the_same_thresholds():
+  """The momentum sampled from (g, old mu) before the pass or from the new momentum after it:
+  the same entries, the same expression, so the same thresholds (to rounding)."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.zeros((512, 384)), "e": jnp.zeros((2048, 64))}
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.standard_t(3, p.shape), jnp.float32), params)
+    for _ in range(3)
+  ]
+  states = {}
+  for name in ("inputs", "scores"):
+    opt = mofo_jax.scale_by_mofo(0.1, selection=mofo_jax.ApproxSelection(sample_from=name))
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    for g in grads:
+      updates, state = step(g, state)
+    for key, leaf in updates.items():
+      assert abs(float(jnp.mean(leaf != 0)) - 0.1) < TOLERANCE, (name, key)
+    states[name] = state
+  for key in params:
+    np.testing.assert_allclose(
+      states["inputs"].telemetry.threshold[key],
+      states["scores"].telemetry.threshold[key],
+      rtol=1e-6,
+    )

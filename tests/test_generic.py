@@ -34,6 +34,16 @@ OPTIMIZERS = {
   "approx-leaf-momentum": {"selection": "approx"},
   "approx-global-momentum": {"selection": "approx", "partition": "global"},
   "approx-rows-momentum": {"selection": "approx", "partition": ROWS},
+  # What "auto" picks on GPU and TPU: the sample read from (g, old mu) before the pass.
+  "approx-inputs-leaf-momentum": {"selection": mofo_jax.ApproxSelection(sample_from="inputs")},
+  "approx-inputs-global-momentum": {
+    "selection": mofo_jax.ApproxSelection(sample_from="inputs"),
+    "partition": "global",
+  },
+  "approx-inputs-heads-momentum": {
+    "selection": mofo_jax.ApproxSelection(sample_from="inputs"),
+    "partition": HEADS,
+  },
   "random-leaf": {"score": "random"},
 }
 # Histograms scatter into a replicated array: not for Explicit-sharded operands.

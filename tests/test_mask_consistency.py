@@ -59,9 +59,17 @@ def _check(moved, reported):
 @pytest.mark.parametrize("sharded", [False, True], ids=["1dev", "8dev"])
 @pytest.mark.parametrize(
   "selection,score",
-  [("exact", "momentum"), ("approx", "momentum"), ("exact", "gradient"), ("exact", "update")],
+  [
+    ("exact", "momentum"),
+    ("approx", "momentum"),
+    ("approx-inputs", "momentum"),
+    ("exact", "gradient"),
+    ("exact", "update"),
+  ],
 )
 def test_program_without_the_state_moves_k_entries(selection, score, sharded):
+  if selection == "approx-inputs":
+    selection = mofo_jax.ApproxSelection(sample_from="inputs")
   opt = mofo_jax.mofo(1e-2, fraction=0.1, selection=selection, score=score)
 
   @jax.jit
@@ -81,7 +89,7 @@ def test_program_without_the_state_moves_k_entries(selection, score, sharded):
     reported.append(mofo_jax.count_value(r))
     u, s = full(p, s)
     p = optax.apply_updates(p, u)
-  if selection == "approx":
+  if isinstance(selection, mofo_jax.ApproxSelection) or selection == "approx":
     np.testing.assert_array_equal(np.asarray(moved), np.asarray(reported))
   else:
     _check(moved, reported)
@@ -113,10 +121,7 @@ def _entry(hlo: str) -> str:
   return hlo[hlo.index("\nENTRY") :]
 
 
-@pytest.mark.parametrize("selection", ["exact", "approx"])
-def test_compiled_momentum_is_computed_once(selection):
-  """In the compiled program the old momentum is read by one instruction only: no fusion
-  recomputes the new momentum for itself."""
+def _compiled_entry(selection):
   opt = mofo_jax.mofo(1e-2, fraction=0.1, selection=selection)
   s = opt.init(P0)
 
@@ -124,7 +129,27 @@ def test_compiled_momentum_is_computed_once(selection):
     u, s2 = opt.update(jax.grad(loss)(p), s, p)
     return u, _telemetry(s2).num_updated
 
-  entry = _entry(jax.jit(program).lower(P0, s).compile().as_text())
+  return _entry(jax.jit(program).lower(P0, s).compile().as_text())
+
+
+@pytest.mark.parametrize(
+  "selection", ["exact", mofo_jax.ApproxSelection(sample_from="scores")], ids=["exact", "approx"]
+)
+def test_compiled_momentum_is_computed_once(selection):
+  """In the compiled program the old momentum is read by one instruction only: no fusion
+  recomputes the new momentum for itself."""
+  entry = _compiled_entry(selection)
   mu_param = re.search(r"%(\S+) = f32\[16,16\]\{1,0\} parameter\(2\)", entry).group(1)
   readers = [line for line in entry.splitlines() if re.search(rf"%{re.escape(mu_param)}[,)]", line)]
   assert len(readers) == 1, readers
+
+
+def test_compiled_approx_mask_is_computed_once():
+  """approx sampling the inputs takes its thresholds before the pass, so the new momentum is
+  computed where it is needed; but the mask is computed by one fusion, into a buffer carried by
+  a loop, and the update and the count both read that buffer."""
+  entry = _compiled_entry(mofo_jax.ApproxSelection(sample_from="inputs")).splitlines()
+  producers = [line for line in entry if re.search(r"= pred\[16,16\]\S* fusion\(", line)]
+  assert len(producers) == 1, producers
+  name = producers[0].split("=")[0].strip()
+  assert any(re.search(rf"tuple\(.*{re.escape(name)}[,)]", line) for line in entry), producers
