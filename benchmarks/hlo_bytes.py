@@ -268,12 +268,23 @@ class _Module:
       return 2 * _shape_bytes(source if inst.opcode == "copy-start" else inst.shape)
     return self._operand_bytes(inst) + out
 
-  def cost(self, computation: str, trips: bool, loops: list) -> float:
+  def cost(self, computation: str, trips: bool, loops: list, branch=max) -> float:
     total = 0.0
     for inst in self.computations[computation]:
-      if inst.opcode == "while":
+      if inst.opcode == "conditional":
+        # One branch runs, which is known only at run time: ``branch`` (max or min) picks the
+        # bill. Operands are passed as buffers, so only the branch moves bytes.
+        names = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs)
+        if names:
+          branches = [b.strip() for b in names.group(1).split(",")]
+        else:
+          branches = [_attr(inst.attrs, k) for k in ("false_computation", "true_computation")]
+        costs = [self.cost(b, trips, loops, branch) for b in branches]
+        loops.append({"conditional": inst.name, "branch_bytes": costs})
+        total += branch(costs)
+      elif inst.opcode == "while":
         body, cond = _attr(inst.attrs, "body"), _attr(inst.attrs, "condition")
-        per_trip = self.cost(body, trips, loops) + self.cost(cond, trips, loops)
+        per_trip = self.cost(body, trips, loops, branch) + self.cost(cond, trips, loops, branch)
         n = self.trip_count(inst)
         by_opcode: dict[str, float] = {}
         for i in self.computations[body]:
@@ -293,7 +304,7 @@ class _Module:
 
 
 def bytes_accessed(
-  text: str, trips: bool = True, device_memory_only: bool = False
+  text: str, trips: bool = True, device_memory_only: bool = False, branch=max
 ) -> tuple[float, list[dict]]:
   """Bytes moved by the HLO module ``text``: every loop trip counted, or each loop body once.
 
@@ -303,6 +314,8 @@ def bytes_accessed(
       read count once, and are reported with ``trips: None``).
     device_memory_only: count only arrays in memory space 0 (HBM on TPU and GPU), not those
       the compiler placed in on-chip memory (``S(1)`` in the layout on TPU).
+    branch: ``max`` or ``min``: which branch of a conditional to bill (which one runs is known
+      at run time only); each conditional is reported with every branch's bytes.
 
   Returns:
     The bytes, and one ``{"while", "trips", "bytes_per_trip", "by_opcode"}`` record per while
@@ -310,7 +323,7 @@ def bytes_accessed(
   """
   module = _Module(text, device_memory_only)
   loops: list[dict] = []
-  return module.cost(module.entry, trips, loops), loops
+  return module.cost(module.entry, trips, loops, branch), loops
 
 
 def every_pass(compiled) -> dict:
@@ -320,7 +333,8 @@ def every_pass(compiled) -> dict:
   added to ``cost_analysis()``'s own figure, which has each loop body once.
   ``device_memory_bytes`` is this module's own count, every trip included, of the bytes read
   from and written to device memory (HBM) only, leaving out the traffic between on-chip
-  buffers that ``cost_analysis()`` also bills.
+  buffers that ``cost_analysis()`` also bills. A conditional is billed its dearest branch, and
+  its cheapest in the ``*_min`` figures.
   """
   ca = compiled.cost_analysis()
   if isinstance(ca, list):  # older jax: one dict per program
@@ -331,11 +345,19 @@ def every_pass(compiled) -> dict:
   # Nested loops: a loop inside a body is already multiplied into that body's bytes_per_trip
   # when trips are counted; only top-level loops are listed once here, so recount from scratch.
   parsed_all, _ = bytes_accessed(text, trips=True)
+  # Where a conditional picks between a short and a long search, also the bill when the
+  # cheapest branches run (``*_min``), beside the bill when the dearest do.
+  parsed_min, _ = bytes_accessed(text, trips=True, branch=min)
   return {
     "cost_analysis_bytes": once,
     "parsed_bytes_loops_once": parsed_once,
     "every_pass_bytes": once + (parsed_all - parsed_once),
+    "every_pass_bytes_min": once + (parsed_min - parsed_once),
     "device_memory_bytes": bytes_accessed(text, trips=True, device_memory_only=True)[0],
-    "loops": loops,
-    "unknown_trip_counts": sum(loop["trips"] is None for loop in loops),
+    "device_memory_bytes_min": bytes_accessed(
+      text, trips=True, device_memory_only=True, branch=min
+    )[0],
+    "loops": [x for x in loops if "while" in x],
+    "conditionals": [x for x in loops if "conditional" in x],
+    "unknown_trip_counts": sum(x.get("trips", 0) is None for x in loops),
   }

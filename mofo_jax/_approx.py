@@ -208,7 +208,8 @@ class ApproxSelection:
       sample_size=self.sample_size,
     )
 
-  def select(self, scores, filtered, specs, is_global, fraction):
+  def select(self, scores, filtered, specs, is_global, fraction, previous=None):
+    del previous  # every step samples afresh
     taus = self.thresholds(
       [(s,) for s in scores], lambda x: x, filtered, specs, is_global, fraction
     )

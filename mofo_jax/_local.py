@@ -33,7 +33,8 @@ class LocalSelection(NamedTuple):
   def initial_thresholds(self, leaves, filtered, specs):
     return initial_thresholds(leaves, filtered, specs, self)
 
-  def select(self, scores, filtered, specs, is_global, fraction):
+  def select(self, scores, filtered, specs, is_global, fraction, previous=None):
+    del previous  # each shard searches its own entries in full
     return select_local(scores, filtered, specs, is_global, fraction, self)
 
 

@@ -306,6 +306,7 @@ def scale_by_mofo(
       return (m.astype(u_dt) * inv_bc1) / (jnp.sqrt(v.astype(u_dt) * inv_bc2) + eps)
 
     old_mus, old_nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    previous = treedef.flatten_up_to(state.telemetry.threshold)
     nus = [second_moment(g, nu) for g, nu in zip(leaves, old_nus)]
     idx = [i for i, f in enumerate(filtered) if f]
     mus = [first_moment(g, mu) for g, mu in zip(leaves, old_mus)]
@@ -370,7 +371,9 @@ def scale_by_mofo(
             kept.append(_counts.to_array(_counts.constant(u.size)))
         thresholds = selection.initial_thresholds(directions, filtered, specs)
       else:
-        masks, kept, thresholds = selection.select(scores, filtered, specs, is_global, frac)
+        masks, kept, thresholds = selection.select(
+          scores, filtered, specs, is_global, frac, previous=previous
+        )
     masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
 
     new_updates = [
@@ -445,7 +448,10 @@ def keep_top_fraction(
       for j, x in zip(idx, _selection.materialised(lambda: [leaves[i] for i in idx], state.count)):
         leaves[j] = x
     frac = fraction_at(state.count)
-    masks, kept, thresholds = selection.select(leaves, filtered, specs, is_global, frac)
+    previous = treedef.flatten_up_to(state.telemetry.threshold)
+    masks, kept, thresholds = selection.select(
+      leaves, filtered, specs, is_global, frac, previous=previous
+    )
     masks, kept, leaves = _guard_fraction(frac, masks, kept, leaves)
     new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
     telemetry = state.telemetry._replace(

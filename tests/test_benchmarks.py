@@ -69,6 +69,26 @@ def test_hlo_bytes_multiplies_nested_loops_and_scans():
   assert every >= 4 * 5 * 4 * N > once
 
 
+def test_hlo_bytes_bills_a_conditional_its_dearest_or_cheapest_branch():
+  """A conditional between a 3-pass and a 7-pass search: the default bill is the 7-pass branch,
+  the ``_min`` bill the 3-pass one, 4 passes apart."""
+
+  def f(x, p):
+    short, long = _counting_loop(3), _counting_loop(7)
+    return jax.lax.cond(p[0] > 0, lambda: short(x)[0], lambda: long(x)[0])
+
+  c = _compiled(f, (N,), (1,))
+  report = hlo_bytes.every_pass(c)
+  (cond,) = report["conditionals"]
+  assert len(cond["branch_bytes"]) == 2
+  assert sorted(loop["trips"] for loop in report["loops"]) == [3, 7]
+  per_trip = report["loops"][0]["bytes_per_trip"]
+  assert per_trip >= 4 * N
+  assert report["every_pass_bytes"] - report["every_pass_bytes_min"] == pytest.approx(
+    4 * per_trip, rel=0.01
+  )
+
+
 def test_hlo_bytes_without_loops_is_cost_analysis():
   c = _compiled(lambda x, y: x * y + 1, (N,), (N,))
   report = hlo_bytes.every_pass(c)

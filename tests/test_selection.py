@@ -149,3 +149,67 @@ def test_bad_block_specs_are_clear_errors():
     )
   with pytest.raises(ValueError, match="partition="):
     mofo_jax.top_fraction_mask(jnp.ones((3, 4)), 0.5, partition="rows")
+
+
+def _views(x, axes):
+  spec = mofo_jax.BlockSpec(split_axes=axes)
+  keep = spec.block_axes(x.shape)
+  return [jnp.asarray(x)], [tuple(i for i in range(x.ndim) if i not in keep)], spec
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  x=tie_heavy(),
+  fraction=fractions,
+  data=st.data(),
+  radix_bits=st.sampled_from([1, 2, 4, 8]),
+  bracket_bits=st.sampled_from([1, 4, 8, 20, 24]),
+  moved=st.sampled_from([1.0, 1.0001, 0.97, 1.3, 0.0, 1e30, np.inf]),
+)
+def test_search_started_from_previous_thresholds_gives_the_full_searchs_result(
+  x, fraction, data, radix_bits, bracket_bits, moved
+):
+  """Previous thresholds near the new ones (the bracket holds them), or far (the full search
+  runs): the same thresholds and counts as without a start, and the reference mask."""
+  axes = tuple(sorted(data.draw(st.sets(st.integers(0, x.ndim - 1), max_size=x.ndim))))
+  spec = mofo_jax.BlockSpec(split_axes=axes)
+  full = mofo_jax.select_blocks([jnp.asarray(x)], [spec], fraction, method="count")[0]
+  with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 is NaN: a miss too
+    previous = jnp.asarray(np.float32(moved) * np.asarray(full.threshold))
+  started = mofo_jax.select_blocks(
+    [jnp.asarray(x)],
+    [spec],
+    fraction,
+    method="count",
+    radix_bits=radix_bits,
+    previous=[previous],
+    bracket_bits=bracket_bits,
+  )[0]
+  np.testing.assert_array_equal(np.asarray(started.threshold), np.asarray(full.threshold))
+  for a, b in zip(started.num_selected, full.num_selected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  mask = np.abs(x) >= np.asarray(started.threshold).reshape(spec.block_shape(x.shape))
+  np.testing.assert_array_equal(mask, reference.block_mask(x, fraction, axes))
+
+
+def test_bracket_holds_a_nearby_threshold_and_not_a_far_one():
+  from mofo_jax import _counts, _selection
+
+  x = np.random.default_rng(0).normal(size=(64, 512)).astype(np.float32)
+  views, reduce_axes, spec = _views(x, (0,))
+  k = 51  # floor(0.1 * 512)
+  kth = np.sort(np.abs(x), axis=1)[:, ::-1][:, k - 1 : k]
+  ks = [_counts.num_to_select(0.1, 512)]
+
+  def inside(previous, bits=20):
+    return np.asarray(
+      _selection.bracket_previous(views, reduce_axes, ks, [jnp.asarray(previous)], False, bits)[2][
+        0
+      ]
+    )
+
+  assert inside(kth).all()
+  assert inside(kth * np.float32(1.01)).all()  # 1% is well within 2**19 keys
+  assert not inside(kth * np.float32(1.5)).any()
+  assert not inside(np.zeros_like(kth)).any()
+  assert not inside(kth * np.float32(1.01), bits=4).any()  # 8 keys: 1% is outside
