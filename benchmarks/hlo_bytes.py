@@ -341,22 +341,23 @@ def every_pass(compiled) -> dict:
     ca = ca[0]
   once = float(ca["bytes accessed"])
   text = compiled.as_text()
-  parsed_once, loops = bytes_accessed(text, trips=False)
+  # Parse once per view (all bytes, device memory only); each bill is a walk of the parse.
+  every, hbm = _Module(text), _Module(text, device_memory_only=True)
+  loops: list[dict] = []
+  parsed_once = every.cost(every.entry, False, loops)
   # Nested loops: a loop inside a body is already multiplied into that body's bytes_per_trip
   # when trips are counted; only top-level loops are listed once here, so recount from scratch.
-  parsed_all, _ = bytes_accessed(text, trips=True)
+  parsed_all = every.cost(every.entry, True, [])
   # Where a conditional picks between a short and a long search, also the bill when the
   # cheapest branches run (``*_min``), beside the bill when the dearest do.
-  parsed_min, _ = bytes_accessed(text, trips=True, branch=min)
+  parsed_min = every.cost(every.entry, True, [], min)
   return {
     "cost_analysis_bytes": once,
     "parsed_bytes_loops_once": parsed_once,
     "every_pass_bytes": once + (parsed_all - parsed_once),
     "every_pass_bytes_min": once + (parsed_min - parsed_once),
-    "device_memory_bytes": bytes_accessed(text, trips=True, device_memory_only=True)[0],
-    "device_memory_bytes_min": bytes_accessed(
-      text, trips=True, device_memory_only=True, branch=min
-    )[0],
+    "device_memory_bytes": hbm.cost(hbm.entry, True, []),
+    "device_memory_bytes_min": hbm.cost(hbm.entry, True, [], min),
     "loops": [x for x in loops if "while" in x],
     "conditionals": [x for x in loops if "conditional" in x],
     "unknown_trip_counts": sum(x.get("trips", 0) is None for x in loops),
