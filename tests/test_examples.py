@@ -121,19 +121,19 @@ def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):
   assert "Half Fine-Tuning" in (tmp_path / "ablations.md").read_text()
 
 
-def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path):
+def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path, monkeypatch):
   import nbclient
   import nbformat
 
   nb = nbformat.read(EXAMPLES / "colab_demo.ipynb", as_version=4)
   args = " ".join(["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path / "nb"), *TINY_DEMO])
-  os.environ["MOFO_DEMO_ARGS"] = args
-  try:
-    nbclient.NotebookClient(
-      nb, timeout=600, resources={"metadata": {"path": str(EXAMPLES)}}
-    ).execute()
-  finally:
-    del os.environ["MOFO_DEMO_ARGS"]
+  monkeypatch.setenv("MOFO_DEMO_ARGS", args)
+  # The kernel imports this checkout, so its install cell finds mofo_jax and installs nothing:
+  # a test must not reinstall the package that other processes are importing.
+  monkeypatch.setenv("PYTHONPATH", str(EXAMPLES.parent))
+  nbclient.NotebookClient(
+    nb, timeout=600, resources={"metadata": {"path": str(EXAMPLES)}}
+  ).execute()
   assert (tmp_path / "nb" / "forgetting.png").is_file()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert any("image/png" in o.get("data", {}) for o in outputs)
