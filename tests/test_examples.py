@@ -129,8 +129,13 @@ def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path, monkeypatc
   args = " ".join(["--model", str(tiny_checkpoint), "--out-dir", str(tmp_path / "nb"), *TINY_DEMO])
   monkeypatch.setenv("MOFO_DEMO_ARGS", args)
   # The kernel imports this checkout, so its install cell finds mofo_jax and installs nothing:
-  # a test must not reinstall the package that other processes are importing.
-  monkeypatch.setenv("PYTHONPATH", str(EXAMPLES.parent))
+  # a test must not reinstall the package that other processes are importing. A `pip` that
+  # fails, ahead of the real one on the path, makes any install attempt fail the test.
+  fake_pip = tmp_path / "no_pip" / "pip"
+  fake_pip.mkdir(parents=True)
+  (fake_pip / "__init__.py").write_text("")
+  (fake_pip / "__main__.py").write_text("raise SystemExit('the notebook tried to pip install')")
+  monkeypatch.setenv("PYTHONPATH", f"{fake_pip.parent}{os.pathsep}{EXAMPLES.parent}")
   nbclient.NotebookClient(
     nb, timeout=600, resources={"metadata": {"path": str(EXAMPLES)}}
   ).execute()
