@@ -49,7 +49,8 @@ def main():
       kernel0 = summary["fraction_updated/[0]['w']"]
       print(
         f"step {t:4d}  loss {float(loss):.4f}  "
-        f"updated this step: {summary['fraction_updated']:.3f} of all entries, "
+        f"updated this step: {summary['num_updated']} of {summary['num_entries']} entries "
+        f"({summary['fraction_updated']:.3f}), "
         f"{kernel0:.3f} of layer 0's kernel"
       )
   moved = sum(int((a != b).sum()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start)))

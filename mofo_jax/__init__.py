@@ -10,13 +10,16 @@ from mofo_jax._local import LocalSelection
 from mofo_jax._local import local_selection
 from mofo_jax._partition import BlockSpec
 from mofo_jax._selection import BlockSelection
+from mofo_jax._selection import MomentUpdate
 from mofo_jax._selection import ExactSelection
 from mofo_jax._selection import Selection
 from mofo_jax._selection import resolve_method
 from mofo_jax._selection import select_blocks
+from mofo_jax._selection import select_momentum
 from mofo_jax._selection import top_fraction_mask
 from mofo_jax._sharding import state_shardings
 from mofo_jax._telemetry import MoFOTelemetry
+from mofo_jax._telemetry import read_telemetry
 from mofo_jax._telemetry import telemetry_summary
 from mofo_jax._transform import KeepTopFractionState
 from mofo_jax._transform import ScaleByMoFOState
@@ -35,16 +38,19 @@ __all__ = [
   "KeepTopFractionState",
   "LocalSelection",
   "MoFOTelemetry",
+  "MomentUpdate",
   "ScaleByMoFOState",
   "Selection",
   "count_value",
   "keep_top_fraction",
   "local_selection",
   "mofo",
+  "read_telemetry",
   "resolve_method",
   "resolve_selection",
   "scale_by_mofo",
   "select_blocks",
+  "select_momentum",
   "state_shardings",
   "telemetry_summary",
   "top_fraction_mask",

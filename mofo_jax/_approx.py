@@ -208,6 +208,45 @@ class ApproxSelection:
       sample_size=self.sample_size,
     )
 
+  def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
+    """The new moments and the masks of the sampled thresholds of the new first moment, sampled
+    where ``sample_from`` says (see :func:`mofo_jax.select_momentum`)."""
+    del previous  # every step samples afresh
+    if not any(filtered):
+      return self._from_scores(moments, filtered, specs, is_global, fraction)
+    return self.by_platform(
+      lambda: self._from_inputs(moments, filtered, specs, is_global, fraction),
+      lambda: self._from_scores(moments, filtered, specs, is_global, fraction),
+    )
+
+  def _from_inputs(self, moments, filtered, specs, is_global, fraction):
+    taus = self.thresholds(
+      list(zip(moments.grads, moments.mus)),
+      moments.first_moment,
+      filtered,
+      specs,
+      is_global,
+      fraction,
+    )
+    # +0.0 or -0.0, added to the old moment: the sample's reads of a donated moment buffer
+    # come first by data flow, so XLA need not copy the buffer before updating it in place.
+    after = jnp.where(jnp.min(taus[0]) >= 0, 0.0, -0.0)
+    mus = [
+      moments.first_moment(g, mu + after.astype(mu.dtype) if f else mu)
+      for g, mu, f in zip(moments.grads, moments.mus, filtered)
+    ]
+    nus = [moments.second_moment(g, nu) for g, nu in zip(moments.grads, moments.nus)]
+    # The mask goes into a buffer that the update and the count both read: the moment it
+    # compares is an expression that XLA may recompute, with other rounding, per fusion.
+    masks, kept, thresholds = _selection.masks_from_thresholds(
+      mus, filtered, specs, taus, None, is_global, materialise=True
+    )
+    return mus, nus, masks, kept, thresholds
+
+  def _from_scores(self, moments, filtered, specs, is_global, fraction):
+    mus, nus = _selection.materialised_moments(moments, filtered)
+    return (mus, nus, *self.select(mus, filtered, specs, is_global, fraction))
+
   def select(self, scores, filtered, specs, is_global, fraction, previous=None):
     del previous  # every step samples afresh
     taus = self.thresholds(

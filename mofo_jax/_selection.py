@@ -478,12 +478,27 @@ def top_fraction_mask(
   return treedef.unflatten(masks)
 
 
+class MomentUpdate(NamedTuple):
+  """What a selection needs to compute the new moments itself (see :func:`select_momentum`)."""
+
+  grads: list[jax.Array]  # per leaf, the incoming gradients (any float dtype)
+  mus: list[jax.Array]  # per leaf, like the gradient, mu_dtype: the old first moments
+  nus: list[jax.Array]  # per leaf, like the gradient, nu_dtype: the old second moments
+  first_moment: Callable[[jax.Array, jax.Array], jax.Array]  # (g, mu) -> new mu, elementwise
+  second_moment: Callable[[jax.Array, jax.Array], jax.Array]  # (g, nu) -> new nu, elementwise
+  count: jax.Array  # [] int32, steps taken before this one (never negative)
+
+
 class Selection(Protocol):
   """How thresholds are found: the interface behind ``selection=`` of every MoFO transform.
 
   :class:`ExactSelection`, :class:`mofo_jax.ApproxSelection` and :class:`mofo_jax.LocalSelection`
   implement it; the strings ``"exact"``, ``"approx"`` and ``"local"`` are shortcuts for their
-  defaults.
+  defaults. A selection may also define ``select_momentum(moments, filtered, specs, is_global,
+  fraction, previous=None)``, with the arguments and results of :func:`select_momentum`, to
+  compute the new moments itself when they are the score (fused with its own passes, or with
+  thresholds taken before the moments exist); without it, the moments are computed into buffers
+  and ranked by ``select``.
   """
 
   def initial_thresholds(
@@ -547,6 +562,62 @@ def materialised(fn: Callable[[], list[jax.Array]], never_negative: jax.Array) -
     return [~x if x.dtype == jnp.bool_ else x + 1 for x in carry]
 
   return lax.fori_loop(0, trips, body, fn())
+
+
+def materialised_moments(
+  moments: MomentUpdate, filtered: list[bool]
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The new first and second moments; the filtered leaves' first moments in buffers (see
+  :func:`materialised`), so that a search, the mask, the update and the new state all read the
+  same values."""
+  nus = [moments.second_moment(g, nu) for g, nu in zip(moments.grads, moments.nus)]
+  mus = [moments.first_moment(g, mu) for g, mu in zip(moments.grads, moments.mus)]
+  return materialised_leaves(mus, filtered, moments.count), nus
+
+
+def materialised_leaves(
+  leaves: list[jax.Array], filtered: list[bool], never_negative: jax.Array
+) -> list[jax.Array]:
+  """``leaves`` with the filtered ones computed into buffers (:func:`materialised`), so that a
+  search and the mask compared with its threshold read one value."""
+  idx = [i for i, f in enumerate(filtered) if f]
+  if not idx:
+    return list(leaves)
+  out = list(leaves)
+  for j, x in zip(idx, materialised(lambda: [leaves[i] for i in idx], never_negative)):
+    out[j] = x
+  return out
+
+
+def select_momentum(
+  selection: Selection,
+  moments: MomentUpdate,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  previous: list[jax.Array] | None = None,
+) -> tuple[
+  list[jax.Array], list[jax.Array], list[jax.Array | None], list[jax.Array], list[jax.Array]
+]:
+  """The new moments and the selection that ranks the new first moment, as ``selection`` does it.
+
+  Calls ``selection.select_momentum`` where the selection defines it (it may fuse the moments
+  with its search, or sample before they exist); otherwise computes the moments with
+  :func:`materialised_moments` and ranks them with ``selection.select``.
+
+  Returns:
+    Per leaf: the new first moments, the new second moments, the masks (None for dense leaves),
+    the entries kept (``int32[2]`` count limbs) and the thresholds.
+  """
+  own = getattr(selection, "select_momentum", None)
+  if own is not None:
+    return own(moments, filtered, specs, is_global, fraction, previous=previous)
+  mus, nus = materialised_moments(moments, filtered)
+  masks, kept, thresholds = selection.select(
+    mus, filtered, specs, is_global, fraction, previous=previous
+  )
+  return mus, nus, masks, kept, thresholds
 
 
 def masks_from_thresholds(

@@ -152,6 +152,153 @@ def _init_telemetry(
   )
 
 
+def _flatten(tree: Any, filter_mask: FilterMask, partition: _partition.Partition):
+  """The leaves of ``tree`` as arrays, its treedef, which leaves are filtered, their BlockSpecs
+  and whether the filtered leaves form one global block."""
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves = [jnp.asarray(x) for x in leaves]  # Python floats, as optax.adamw accepts them
+  filtered = _resolve_filter_mask(filter_mask, tree)
+  is_global, specs = _block_specs(partition, tree, filtered)
+  return leaves, treedef, filtered, specs, is_global
+
+
+class _Adam(NamedTuple):
+  """Adam's moment updates and direction for one step. Build it with :meth:`at`."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  mu_dtype: jnp.dtype
+  nu_dtype: jnp.dtype
+  inv_bc1: jax.Array  # [], the direction's dtype: 1 / (1 - b1**t)
+  inv_bc2: jax.Array  # [], the direction's dtype: 1 / (1 - b2**t)
+
+  @classmethod
+  def at(cls, count: jax.Array, b1, b2, eps, mu_dtype, nu_dtype) -> _Adam:
+    """The step numbered ``count`` (1 on the first step)."""
+    u_dt = jnp.promote_types(_wide(mu_dtype), _wide(nu_dtype))
+    # Bias corrections as reciprocals, computed once and multiplied in: XLA rewrites a division
+    # by a broadcast scalar into this only where its fusion allows, so a sharded and an
+    # unsharded program would otherwise round differently. Spelled out, every layout computes
+    # the same bits.
+    inv_bc1 = 1 / (1 - jnp.asarray(b1, u_dt) ** count)
+    inv_bc2 = 1 / (1 - jnp.asarray(b2, u_dt) ** count)
+    return cls(b1, b2, eps, mu_dtype, nu_dtype, inv_bc1, inv_bc2)
+
+  def first_moment(self, g: jax.Array, mu: jax.Array) -> jax.Array:
+    m_dt = _wide(self.mu_dtype)
+    return (self.b1 * mu.astype(m_dt) + (1 - self.b1) * g.astype(m_dt)).astype(self.mu_dtype)
+
+  def second_moment(self, g: jax.Array, nu: jax.Array) -> jax.Array:
+    v_dt = _wide(self.nu_dtype)
+    new = self.b2 * nu.astype(v_dt) + (1 - self.b2) * jnp.square(g.astype(v_dt))
+    return new.astype(self.nu_dtype)
+
+  def direction(self, m: jax.Array, v: jax.Array) -> jax.Array:
+    u_dt = self.inv_bc1.dtype
+    return (m.astype(u_dt) * self.inv_bc1) / (jnp.sqrt(v.astype(u_dt) * self.inv_bc2) + self.eps)
+
+
+def _wide(dtype: Any) -> jnp.dtype:
+  """Moments are computed in their own dtype when wider than float32 (float64 under x64), else
+  in float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class _Ranking(NamedTuple):
+  """What the score stages need besides the moments: how, and which blocks, to rank."""
+
+  selection: _selection.Selection
+  filtered: list[bool]  # per leaf: ranked in blocks (True) or dense
+  specs: list[_partition.BlockSpec]  # per leaf: its blocks
+  is_global: bool  # the filtered leaves are one block
+  fraction: Any  # Python float or [] float32: fraction kept per block
+  previous: list[jax.Array]  # per leaf: the last step's thresholds
+  seed: Any  # int or [] int: seed of score="random"
+
+  def select(self, scores: list[jax.Array]):
+    return self.selection.select(
+      scores, self.filtered, self.specs, self.is_global, self.fraction, previous=self.previous
+    )
+
+
+class _Step(NamedTuple):
+  """One step's new moments, directions and selection, per leaf."""
+
+  mus: list[jax.Array]  # like the params, mu_dtype: the new first moments
+  nus: list[jax.Array]  # like the params, nu_dtype: the new second moments
+  directions: list[jax.Array]  # like the params, float32 (or wider): Adam's direction
+  masks: list[jax.Array | None]  # like the params, bool: entries updated (None: dense leaf)
+  kept: list[jax.Array]  # int32[2] count limbs: entries updated
+  thresholds: list[jax.Array]  # float32 of the leaf's block shape ([] for dense leaves)
+
+
+def _by_momentum(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
+  """MoFO: rank the new first moment, as the selection computes it (possibly fused)."""
+  mus, nus, masks, kept, thresholds = _selection.select_momentum(
+    r.selection, moments, r.filtered, r.specs, r.is_global, r.fraction, previous=r.previous
+  )
+  directions = [adam.direction(m, v) for m, v in zip(mus, nus)]
+  return _Step(mus, nus, directions, masks, kept, thresholds)
+
+
+def _plain_moments(moments: _selection.MomentUpdate, adam: _Adam):
+  mus = [adam.first_moment(g, mu) for g, mu in zip(moments.grads, moments.mus)]
+  nus = [adam.second_moment(g, nu) for g, nu in zip(moments.grads, moments.nus)]
+  return mus, nus, [adam.direction(m, v) for m, v in zip(mus, nus)]
+
+
+def _by_gradient(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
+  """The paper's ablation: rank the gradient."""
+  mus, nus, directions = _plain_moments(moments, adam)
+  masks, kept, thresholds = r.select(
+    _selection.materialised_leaves(moments.grads, r.filtered, moments.count)
+  )
+  return _Step(mus, nus, directions, masks, kept, thresholds)
+
+
+def _by_update(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
+  """The paper's ablation: rank Adam's direction (the update applied is the ranked value)."""
+  mus, nus, directions = _plain_moments(moments, adam)
+  directions = _selection.materialised_leaves(directions, r.filtered, moments.count)
+  masks, kept, thresholds = r.select(directions)
+  return _Step(mus, nus, directions, masks, kept, thresholds)
+
+
+def _by_random(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
+  """The paper's ablation (randomized block coordinate descent): a fresh Bernoulli(f) mask."""
+  mus, nus, directions = _plain_moments(moments, adam)
+  base = jax.random.fold_in(jax.random.PRNGKey(r.seed), moments.count)
+  masks, kept = [], []
+  for i, (u, f) in enumerate(zip(directions, r.filtered)):
+    if f:
+      mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < r.fraction
+      masks.append(mask)
+      kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
+    else:
+      masks.append(None)
+      kept.append(_counts.to_array(_counts.constant(u.size)))
+  thresholds = r.selection.initial_thresholds(directions, r.filtered, r.specs)
+  return _Step(mus, nus, directions, masks, kept, thresholds)
+
+
+_SCORE_STAGES = {
+  "momentum": _by_momentum,
+  "gradient": _by_gradient,
+  "update": _by_update,
+  "random": _by_random,
+}
+
+
+def _apply_masks(directions, masks, leaves) -> list[jax.Array]:
+  """The updates: the direction where the mask holds, exactly zero elsewhere, in the incoming
+  gradient's dtype."""
+  return [
+    (u if m is None else jnp.where(m, u, 0.0)).astype(g.dtype)
+    for u, m, g in zip(directions, masks, leaves)
+  ]
+
+
 def resolve_selection(selection: SelectionLike) -> _selection.Selection:
   """The selection object for ``selection=``: ``"exact"``, ``"approx"`` and ``"local"`` are
   shortcuts for ``ExactSelection()``, ``ApproxSelection()`` and ``LocalSelection()``."""
@@ -279,113 +426,39 @@ def scale_by_mofo(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = [jnp.asarray(g) for g in leaves]  # Python floats, as optax.adamw accepts them
-    filtered = _resolve_filter_mask(filter_mask, updates)
-    is_global, specs = _block_specs(partition, updates, filtered)
+    leaves, treedef, filtered, specs, is_global = _flatten(updates, filter_mask, partition)
     count_inc = optax.safe_increment(state.count)
     frac = fraction_at(state.count)
-
-    # Moments in their own dtype when wider than float32 (float64 under x64), else float32.
-    m_dt = jnp.promote_types(mu_dtype, jnp.float32)
-    v_dt = jnp.promote_types(nu_dtype, jnp.float32)
-    u_dt = jnp.promote_types(m_dt, v_dt)
-    # Bias corrections as reciprocals, multiplied in: XLA rewrites a division by a broadcast
-    # scalar into this only where its fusion allows, so a sharded and an unsharded program would
-    # otherwise round differently. Spelled out, every layout computes the same bits.
-    inv_bc1 = 1 / (1 - jnp.asarray(b1, u_dt) ** count_inc)
-    inv_bc2 = 1 / (1 - jnp.asarray(b2, u_dt) ** count_inc)
-
-    def first_moment(g, mu):
-      return (b1 * mu.astype(m_dt) + (1 - b1) * g.astype(m_dt)).astype(mu_dtype)
-
-    def second_moment(g, nu):
-      return (b2 * nu.astype(v_dt) + (1 - b2) * jnp.square(g.astype(v_dt))).astype(nu_dtype)
-
-    def direction(m, v):
-      return (m.astype(u_dt) * inv_bc1) / (jnp.sqrt(v.astype(u_dt) * inv_bc2) + eps)
-
-    old_mus, old_nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    previous = treedef.flatten_up_to(state.telemetry.threshold)
-    nus = [second_moment(g, nu) for g, nu in zip(leaves, old_nus)]
-    idx = [i for i, f in enumerate(filtered) if f]
-    mus = [first_moment(g, mu) for g, mu in zip(leaves, old_mus)]
-
-    def materialised_mus():
-      # The search, the mask, the direction and the new state all read one materialised m.
-      out = list(mus)
-      new = _selection.materialised(lambda: [mus[i] for i in idx], state.count)
-      for i, m in zip(idx, new):
-        out[i] = m
-      return out
-
-    if score == "momentum" and idx and isinstance(selection, _approx.ApproxSelection):
-
-      def sample_inputs():
-        taus = selection.thresholds(
-          list(zip(leaves, old_mus)), first_moment, filtered, specs, is_global, frac
-        )
-        # +0.0 or -0.0, added to the old moment: the sample's reads of a donated moment buffer
-        # come first by data flow, so XLA need not copy the buffer before updating it in place.
-        after = jnp.where(jnp.min(taus[0]) >= 0, 0.0, -0.0)
-        ms = list(mus)
-        for i in idx:
-          ms[i] = first_moment(leaves[i], old_mus[i] + after.astype(old_mus[i].dtype))
-        # The mask goes into a buffer that the update and the count both read: the moment it
-        # compares is an expression that XLA may recompute, with other rounding, per fusion.
-        return ms, _selection.masks_from_thresholds(
-          ms, filtered, specs, taus, None, is_global, materialise=True
-        )
-
-      def sample_scores():
-        ms = materialised_mus()
-        return ms, selection.select(ms, filtered, specs, is_global, frac)
-
-      mus, (masks, kept, thresholds) = selection.by_platform(sample_inputs, sample_scores)
-      scores = mus
-      directions = [direction(m, v) for m, v in zip(mus, nus)]
-    else:
-      if score == "momentum" and idx:
-        mus = materialised_mus()
-      directions = [direction(m, v) for m, v in zip(mus, nus)]
-      if score in ("gradient", "update") and idx:
-        base = leaves if score == "gradient" else directions
-        scores = list(base)
-        for j, x in zip(idx, _selection.materialised(lambda: [base[i] for i in idx], state.count)):
-          scores[j] = x
-        if score == "update":
-          directions = scores
-      else:
-        scores = mus
-
-      if score == "random":
-        base = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
-        masks, kept = [], []
-        for i, (u, f) in enumerate(zip(directions, filtered)):
-          if f:
-            mask = jax.random.uniform(jax.random.fold_in(base, i), u.shape) < frac
-            masks.append(mask)
-            kept.append(_counts.to_array(_counts.count_true(mask, tuple(range(u.ndim)), False)))
-          else:
-            masks.append(None)
-            kept.append(_counts.to_array(_counts.constant(u.size)))
-        thresholds = selection.initial_thresholds(directions, filtered, specs)
-      else:
-        masks, kept, thresholds = selection.select(
-          scores, filtered, specs, is_global, frac, previous=previous
-        )
-    masks, kept, directions = _guard_fraction(frac, masks, kept, directions)
-
-    new_updates = [
-      (u if mask is None else jnp.where(mask, u, 0.0)).astype(g.dtype)
-      for u, mask, g in zip(directions, masks, leaves)
-    ]
+    adam = _Adam.at(count_inc, b1, b2, eps, mu_dtype, nu_dtype)
+    moments = _selection.MomentUpdate(
+      grads=leaves,
+      mus=treedef.flatten_up_to(state.mu),
+      nus=treedef.flatten_up_to(state.nu),
+      first_moment=adam.first_moment,
+      second_moment=adam.second_moment,
+      count=state.count,
+    )
+    ranking = _Ranking(
+      selection=selection,
+      filtered=filtered,
+      specs=specs,
+      is_global=is_global,
+      fraction=frac,
+      previous=treedef.flatten_up_to(state.telemetry.threshold),
+      seed=seed,
+    )
+    step = _SCORE_STAGES[score](moments, adam, ranking)
+    masks, kept, directions = _guard_fraction(frac, step.masks, step.kept, step.directions)
     telemetry = state.telemetry._replace(
-      num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
+      num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(step.thresholds)
     )
-    return treedef.unflatten(new_updates), ScaleByMoFOState(
-      count=count_inc, mu=treedef.unflatten(mus), nu=treedef.unflatten(nus), telemetry=telemetry
+    new_state = ScaleByMoFOState(
+      count=count_inc,
+      mu=treedef.unflatten(step.mus),
+      nu=treedef.unflatten(step.nus),
+      telemetry=telemetry,
     )
+    return treedef.unflatten(_apply_masks(directions, masks, leaves)), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -439,21 +512,15 @@ def keep_top_fraction(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = [jnp.asarray(u) for u in leaves]
-    filtered = _resolve_filter_mask(filter_mask, updates)
-    is_global, specs = _block_specs(partition, updates, filtered)
-    idx = [i for i, f in enumerate(filtered) if f]
-    if idx:
-      for j, x in zip(idx, _selection.materialised(lambda: [leaves[i] for i in idx], state.count)):
-        leaves[j] = x
+    leaves, treedef, filtered, specs, is_global = _flatten(updates, filter_mask, partition)
+    leaves = _selection.materialised_leaves(leaves, filtered, state.count)
     frac = fraction_at(state.count)
     previous = treedef.flatten_up_to(state.telemetry.threshold)
     masks, kept, thresholds = selection.select(
       leaves, filtered, specs, is_global, frac, previous=previous
     )
     masks, kept, leaves = _guard_fraction(frac, masks, kept, leaves)
-    new = [u if m is None else jnp.where(m, u, jnp.zeros_like(u)) for u, m in zip(leaves, masks)]
+    new = _apply_masks(leaves, masks, leaves)
     telemetry = state.telemetry._replace(
       num_updated=treedef.unflatten(kept), threshold=treedef.unflatten(thresholds)
     )
