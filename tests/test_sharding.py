@@ -337,8 +337,9 @@ def test_state_shardings_under_wrappers_compile_and_match_unsharded(wrapper):
     for i in range(2):
       p, state = step(p, state, jax.tree.map(jax.device_put, sm.grads(i), shards))
   p_ref, _ = sm.run_unsharded(opt, steps=2)
-  # Equal up to the order of summation of the global norm that clip_by_global_norm takes.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p, p_ref)
+  # Equal up to the order of summation of the global norm that clip_by_global_norm takes; an
+  # entry the update nearly cancels carries that ~1-ulp difference as a large relative one.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), p, p_ref)
   mu = jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
   moments = [x.mu for x in mu if hasattr(x, "mu")]
   assert moments
