@@ -2,9 +2,17 @@ import json
 import os
 
 import pytest
+from hypothesis import settings
 
 # Several simulated CPU devices for the sharding tests; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Property tests: a short search in the everyday run, a long one in CI's second step
+# (`--hypothesis-profile=thorough`). No deadline: a first example pays for jit compiles.
+# No example database, so a run never depends on an earlier one's files.
+settings.register_profile("quick", max_examples=12, deadline=None, database=None)
+settings.register_profile("thorough", max_examples=150, deadline=None, database=None)
+settings.load_profile("quick")
 
 TEXT = (
   "Question: Ann has 3 cards. Ann buys 4 more cards. How many cards does Ann have now?\n"

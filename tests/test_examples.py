@@ -121,6 +121,7 @@ def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):
   assert "Half Fine-Tuning" in (tmp_path / "ablations.md").read_text()
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path, monkeypatch):
   import nbclient
   import nbformat

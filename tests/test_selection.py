@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import mofo_jax
 from tests import reference
@@ -36,7 +36,6 @@ def tie_heavy(draw):
   return x.astype(np.float32)
 
 
-@settings(max_examples=60, deadline=None)
 @given(
   x=tie_heavy(),
   fraction=fractions,
@@ -53,7 +52,6 @@ def test_mask_is_exactly_the_entries_at_or_above_the_kth_largest(x, fraction, ra
   assert mask.sum() >= k
 
 
-@settings(max_examples=25, deadline=None)
 @given(x=tie_heavy(), fraction=fractions)
 def test_traced_fraction_gives_the_same_mask(x, fraction):
   traced = jax.jit(mofo_jax.top_fraction_mask)(jnp.asarray(x), jnp.float32(fraction))
@@ -61,7 +59,6 @@ def test_traced_fraction_gives_the_same_mask(x, fraction):
   np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
 
 
-@settings(max_examples=30, deadline=None)
 @given(
   x=tie_heavy(), fraction=fractions, data=st.data(), method=st.sampled_from(["count", "histogram"])
 )
@@ -157,7 +154,6 @@ def _views(x, axes):
   return [jnp.asarray(x)], [tuple(i for i in range(x.ndim) if i not in keep)], spec
 
 
-@settings(max_examples=40, deadline=None)
 @given(
   x=tie_heavy(),
   fraction=fractions,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -67,6 +68,7 @@ def _metrics(out):
   return [{k: v for k, v in r.items() if k != "step_time_s"} for r in lines]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_run(tiny_checkpoint, tmp_path):
   cache = tmp_path / "jax_cache"
   ref = _run("none", 0, _args(tiny_checkpoint) + ["--output-dir", str(tmp_path / "ref")], cache)

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -41,6 +43,7 @@ def _run(cmd, devices, timeout=240):
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tiny_checkpoint, tmp_path):
   base = [sys.executable, "-m", "mofo_jax.finetune", "--model", str(tiny_checkpoint), *ARGS]
   port = _free_port()

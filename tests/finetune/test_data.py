@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -232,7 +232,6 @@ examples_strategy = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
 @given(examples=examples_strategy, seq_len=st.integers(16, 40))
 def test_packing_invariants(examples, seq_len):
   rows = pack_examples(examples, seq_len, pad_id=0)

@@ -210,6 +210,7 @@ def test_loading_onto_a_bad_mesh_fails_before_reading(ckpt, monkeypatch):
 # --- two processes --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
   run_workers("tests.finetune.sharded_load_worker", ckpt, tmp_path)
 
