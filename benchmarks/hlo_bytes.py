@@ -9,7 +9,8 @@ instruction (its operands and outputs, not its fused body). A while loop costs i
 times (body + condition); the trip count is read from the loop's ``known_trip_count`` backend
 config when XLA wrote one, else from the loop's shape as ``lax.fori_loop``/``lax.scan`` emit it
 (a counter in the loop tuple compared ``LT`` with a constant in the condition, starting from a
-constant and stepping by one in the body).
+constant and stepping by one in the body). The parsing, the dtype sizes and the trip counts are
+``mofo_jax.finetune.hlo``'s, the reader ``plan`` uses too.
 
 ``bytes_accessed(text, trips=False)`` (every loop counted once) should agree with
 ``cost_analysis()`` to within a few percent; the report carries both so that any disagreement
@@ -21,36 +22,10 @@ on-chip memory (``S(1)`` in TPU layouts), which ``cost_analysis()`` bills too.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 
-_DTYPE_BYTES = {
-  "pred": 1,
-  "s4": 0.5,
-  "u4": 0.5,
-  "s8": 1,
-  "u8": 1,
-  "f8e4m3fn": 1,
-  "f8e5m2": 1,
-  "s16": 2,
-  "u16": 2,
-  "f16": 2,
-  "bf16": 2,
-  "s32": 4,
-  "u32": 4,
-  "f32": 4,
-  "s64": 8,
-  "u64": 8,
-  "f64": 8,
-  "c64": 8,
-  "c128": 16,
-}
-# dtype[dims] and the layout after it, where a memory space other than 0 (device memory) shows
-# as S(n): on TPU, S(1) is the on-chip vector memory.
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
-_ON_CHIP = re.compile(r"S\([1-9]\d*\)")
-_NAME = re.compile(r"%[\w.\-]+")
+from mofo_jax.finetune.hlo import ARRAY, ON_CHIP, Instruction, Module, attr, shape_bytes
+
 # Instructions that move no data of their own (a while's cost is its body's, added separately).
 _FREE = {
   "parameter",
@@ -73,144 +48,19 @@ _FREE = {
 _SLICING = ("gather", "dynamic-slice", "slice")
 
 
-def _shape_bytes(shape: str, device_memory_only: bool = False) -> float:
-  return sum(
-    _DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-    for d, dims, layout in _ARRAY.findall(shape)
-    if not (device_memory_only and _ON_CHIP.search(layout))
-  )
+class _Module(Module):
+  """A parsed module that bills bytes, all of them or only those in device memory."""
 
-
-def _balanced(s: str, i: int) -> int:
-  """Index just past the parenthesised group that starts at ``s[i] == '('``."""
-  depth = 0
-  for j in range(i, len(s)):
-    if s[j] == "(":
-      depth += 1
-    elif s[j] == ")":
-      depth -= 1
-      if depth == 0:
-        return j + 1
-  raise ValueError(f"unbalanced parentheses in {s[:80]!r}")
-
-
-@dataclasses.dataclass
-class Instruction:
-  name: str
-  shape: str
-  opcode: str
-  operands: list[str]
-  args: str
-  attrs: str
-
-
-def _parse_instruction(line: str) -> Instruction | None:
-  line = line.strip()
-  line = line.removeprefix("ROOT ")
-  if not line.startswith("%") or " = " not in line:
-    return None
-  name, rest = line.split(" = ", 1)
-  if rest.startswith("("):
-    end = _balanced(rest, 0)
-    shape, rest = rest[:end], rest[end:].lstrip()
-  else:
-    shape, rest = rest.split(" ", 1)
-  paren = rest.index("(")
-  opcode = rest[:paren]
-  end = _balanced(rest, paren)
-  args = rest[paren + 1 : end - 1]
-  return Instruction(name, shape, opcode, _NAME.findall(args), args, rest[end:])
-
-
-def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
-  """The computations of an HLO module's text, by name, and the entry computation's name."""
-  computations: dict[str, list[Instruction]] = {}
-  entry, current = None, None
-  for line in text.splitlines():
-    if current is None:
-      m = re.match(r"^(ENTRY )?(%[\w.\-]+) .*\{\s*$", line)
-      if m:
-        current = m.group(2)
-        computations[current] = []
-        if m.group(1):
-          entry = current
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    inst = _parse_instruction(line)
-    if inst is not None:
-      computations[current].append(inst)
-  if entry is None:
-    raise ValueError("no ENTRY computation in the HLO text")
-  return computations, entry
-
-
-def _attr(attrs: str, key: str) -> str | None:
-  m = re.search(key + r"=(%[\w.\-]+)", attrs)
-  return m.group(1) if m else None
-
-
-class _Module:
   def __init__(self, text: str, device_memory_only: bool = False):
+    super().__init__(text)
+    if self.entry is None:
+      raise ValueError("no ENTRY computation in the HLO text")
     self.device_memory_only = device_memory_only
-    self.computations, self.entry = parse_module(text)
-    self.by_name = {i.name: i for insts in self.computations.values() for i in insts}
-    self.constants = {}
-    for line in text.splitlines():
-      m = re.match(r"^\s*(?:ROOT )?(%[\w.\-]+) = [su]\d+\[\]\S* constant\((-?\d+)\)", line)
-      if m:
-        self.constants[m.group(1)] = int(m.group(2))
-
-  def _value(self, name: str) -> int | None:
-    """The integer a scalar instruction holds when it is a constant (through copies)."""
-    while name not in self.constants:
-      inst = self.by_name.get(name)
-      if inst is None or inst.opcode not in ("copy", "bitcast", "convert") or not inst.operands:
-        return None
-      name = inst.operands[0]
-    return self.constants[name]
-
-  def trip_count(self, inst: Instruction) -> int | None:
-    """The trip count of a while instruction, or None when it cannot be read."""
-    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
-    if m:
-      return int(m.group(1))
-    cond = self.computations.get(_attr(inst.attrs, "condition"), [])
-    body = self.computations.get(_attr(inst.attrs, "body"), [])
-    if not cond or not body:
-      return None
-    root = cond[-1]
-    m = re.search(r"direction=(LT|GT)", root.attrs)
-    if root.opcode != "compare" or not m or len(root.operands) != 2:
-      return None
-    a, b = (self.by_name.get(n) for n in root.operands)
-    counter, bound = (a, b) if m.group(1) == "LT" else (b, a)
-    limit = self._value(bound.name) if bound is not None else None
-    if counter is None or counter.opcode != "get-tuple-element" or limit is None:
-      return None
-    index = int(re.search(r"index=(\d+)", counter.attrs).group(1))
-    # The counter's start: the while's operand tuple at that index.
-    init_tuple = self.by_name.get(inst.operands[0])
-    if init_tuple is None or init_tuple.opcode != "tuple":
-      return None
-    start = self._value(init_tuple.operands[index])
-    # The body must step the counter by one.
-    body_root = body[-1]
-    if body_root.opcode != "tuple" or start is None:
-      return None
-    step = self.by_name.get(body_root.operands[index])
-    if step is None or step.opcode != "add":
-      return None
-    ones = [self._value(n) for n in step.operands]
-    if 1 not in ones:
-      return None
-    return max(0, limit - start)
 
   def _operand_bytes(self, inst: Instruction) -> float:
     """Bytes read from the operands; a fusion reads only the slices it takes of an operand."""
     sliced = {}
-    fused = self.computations.get(_attr(inst.attrs, "calls")) if inst.opcode == "fusion" else None
+    fused = self.computations.get(attr(inst.attrs, "calls")) if inst.opcode == "fusion" else None
     if fused:
       params = {}
       for i in fused:
@@ -223,8 +73,8 @@ class _Module:
             users.setdefault(n, []).append(i)
       for p, us in users.items():
         if all(u.opcode in _SLICING and u.operands[0] == p for u in us):
-          sliced[params[p]] = sum(_shape_bytes(u.shape) for u in us)
-          if self.device_memory_only and _ON_CHIP.search(
+          sliced[params[p]] = sum(shape_bytes(u.shape) for u in us)
+          if self.device_memory_only and ON_CHIP.search(
             self.by_name[inst.operands[params[p]]].shape
           ):
             sliced[params[p]] = 0.0
@@ -235,7 +85,7 @@ class _Module:
     return total
 
   def _bytes(self, shape: str) -> float:
-    return _shape_bytes(shape, self.device_memory_only)
+    return shape_bytes(shape, self.device_memory_only)
 
   def instruction_bytes(self, inst: Instruction) -> float:
     """Bytes one (non-while) instruction moves."""
@@ -245,10 +95,10 @@ class _Module:
     if inst.opcode == "slice-done":
       # The end of an asynchronous slice: reads the slice from the source, writes it.
       if not self.device_memory_only:
-        return 2 * _shape_bytes(inst.shape)
+        return 2 * shape_bytes(inst.shape)
       start = self.by_name[inst.operands[0]]
       source = self.by_name[start.operands[0]] if start.operands else None
-      read = _shape_bytes(inst.shape) if source is not None and self._bytes(source.shape) else 0
+      read = shape_bytes(inst.shape) if source is not None and self._bytes(source.shape) else 0
       return read + out
     if inst.opcode in ("dynamic-slice", "slice"):
       # Reads and writes only the slice.
@@ -262,10 +112,10 @@ class _Module:
         # The copy reads its source and writes its destination (the start's first output).
         if inst.opcode == "copy-done":
           return 0.0
-        dest = _ARRAY.search(inst.shape)
+        dest = ARRAY.search(inst.shape)
         return self._bytes(source) + (self._bytes(dest.group(0)) if dest else 0.0)
       # An asynchronous copy (e.g. to on-chip memory), billed at both ends as XLA:TPU does.
-      return 2 * _shape_bytes(source if inst.opcode == "copy-start" else inst.shape)
+      return 2 * shape_bytes(source if inst.opcode == "copy-start" else inst.shape)
     return self._operand_bytes(inst) + out
 
   def cost(self, computation: str, trips: bool, loops: list, branch=max) -> float:
@@ -278,12 +128,12 @@ class _Module:
         if names:
           branches = [b.strip() for b in names.group(1).split(",")]
         else:
-          branches = [_attr(inst.attrs, k) for k in ("false_computation", "true_computation")]
+          branches = [attr(inst.attrs, k) for k in ("false_computation", "true_computation")]
         costs = [self.cost(b, trips, loops, branch) for b in branches]
         loops.append({"conditional": inst.name, "branch_bytes": costs})
         total += branch(costs)
       elif inst.opcode == "while":
-        body, cond = _attr(inst.attrs, "body"), _attr(inst.attrs, "condition")
+        body, cond = attr(inst.attrs, "body"), attr(inst.attrs, "condition")
         per_trip = self.cost(body, trips, loops, branch) + self.cost(cond, trips, loops, branch)
         n = self.trip_count(inst)
         by_opcode: dict[str, float] = {}

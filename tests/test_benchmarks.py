@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import device_suite, hlo_bytes, step_time
+from mofo_jax.finetune import hlo
 
 N = 1 << 18
 
@@ -192,8 +193,8 @@ def test_hlo_bytes_counts_a_loop_with_a_run_time_trip_count_once():
 
 def test_hlo_bytes_device_memory_leaves_out_on_chip_buffers():
   tuple_shape = "(f32[1024,8]{1,0:T(8,128)}, u32[256]{0:T(256)S(1)}, s32[])"
-  assert hlo_bytes._shape_bytes(tuple_shape) == 4 * 8192 + 4 * 256 + 4
-  assert hlo_bytes._shape_bytes(tuple_shape, device_memory_only=True) == 4 * 8192 + 4
+  assert hlo.shape_bytes(tuple_shape) == 4 * 8192 + 4 * 256 + 4
+  assert hlo.shape_bytes(tuple_shape, device_memory_only=True) == 4 * 8192 + 4
   # CPU programs have no on-chip memory space: every byte is device memory.
   c = _compiled(_counting_loop(5), (N,))
   assert hlo_bytes.every_pass(c)["device_memory_bytes"] == hlo_bytes.bytes_accessed(c.as_text())[0]

@@ -142,21 +142,6 @@ COLLECTIVE_KINDS = (
   "all-to-all",
   "collective-permute",
 )
-_DTYPE_BYTES = {
-  "pred": 1,
-  "s8": 1,
-  "u8": 1,
-  "bf16": 2,
-  "f16": 2,
-  "s16": 2,
-  "u16": 2,
-  "f32": 4,
-  "s32": 4,
-  "u32": 4,
-  "f64": 8,
-  "s64": 8,
-  "u64": 8,
-}
 
 
 class PlanError(ValueError):
@@ -360,48 +345,24 @@ def _make_mesh(devices, sizes: dict[str, int]):
 
 # HLO analysis ------------------------------------------------------------------------------
 
-_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
-_SHAPE_RE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-_CALLS_RE = re.compile(
-  r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-)
-_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_OPNAME_RE = re.compile(r'op_name="([^"]*)"')
-_COND_RE = re.compile(r"\bcondition=%?([\w.\-]+)")
-_INT_CONST_RE = re.compile(r"=\s*[su]\d+\[\]\S*\s+constant\((\d+)\)")
 _GROUPS_LIST_RE = re.compile(r"replica_groups=\{\{([^}]*)\}")
 _GROUPS_MESH_RE = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _GROUPS_IOTA_RE = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_OPNAME_RE = re.compile(r'op_name="([^"]*)"')
 
 
-def _group_size(line: str) -> int | None:
+def _group_size(attrs: str) -> int | None:
   """Devices per replica group of a collective (``None``: not stated)."""
-  m = _GROUPS_LIST_RE.search(line)
+  m = _GROUPS_LIST_RE.search(attrs)
   if m:
     return len(m.group(1).split(","))
-  m = _GROUPS_MESH_RE.search(line)
+  m = _GROUPS_MESH_RE.search(attrs)
   if m:
     sizes = dict(re.findall(r"'?([\w]+)'?=(\d+)", m.group(1)))
     chosen = re.findall(r"'?([\w]+)'?", m.group(2))
     return math.prod(int(sizes[a]) for a in chosen if a in sizes)
-  m = _GROUPS_IOTA_RE.search(line)
+  m = _GROUPS_IOTA_RE.search(attrs)
   return int(m.group(1)) if m else None
-
-
-def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE_RE.findall(text):
-    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    total += n * _DTYPE_BYTES.get(dtype, 4)
-  return total
-
-
-def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [
-    (dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _SHAPE_RE.findall(text)
-  ]
 
 
 @dataclasses.dataclass
@@ -425,7 +386,7 @@ class Collective:
   optimizer: bool
 
 
-def collectives(hlo: str) -> list[Collective]:
+def collectives(text: str) -> list[Collective]:
   """The collectives of an optimized HLO module, each with its executions per step.
 
   A collective inside a ``while`` body runs once per trip (XLA's ``known_trip_count``, else
@@ -434,91 +395,68 @@ def collectives(hlo: str) -> list[Collective]:
   groups of one device are left out.
 
   Args:
-    hlo: ``compiled.as_text()``.
+    text: ``compiled.as_text()``.
 
   Returns:
     The collectives.
   """
+  from mofo_jax.finetune import hlo
   from mofo_jax.finetune.step import OPTIMIZER_SCOPE
 
-  comps: dict[str, list[str]] = {}
-  entry = None
-  current: list[str] | None = None
-  for line in hlo.splitlines():
-    m = _COMP_RE.match(line)
-    if m:
-      current = comps.setdefault(m.group(1), [])
-      if line.startswith("ENTRY"):
-        entry = m.group(1)
-      continue
-    if current is not None and line.strip() == "}":
-      current = None
-    elif current is not None:
-      current.append(line)
+  module = hlo.Module(text)
   # Executions per step of each computation: (collective-permutes, other collectives).
   times: dict[str, list[int]] = {}
 
   def visit(name: str, permutes: int, others: int) -> None:
     # Executions add up over call sites (a fused computation may be shared).
-    if name not in comps:
+    if name not in module.computations:
       return
     counts = times.setdefault(name, [0, 0])
     counts[0] += permutes
     counts[1] += others
-    for line in comps[name]:
-      m = _INSTR_RE.match(line)
-      if not m:
-        continue
+    for inst in module.computations[name]:
       trip, windowed = 1, False
-      if m.group(3) == "while":
-        t = _TRIP_RE.search(line)
-        cond = _COND_RE.search(line)
-        if t:
-          trip = int(t.group(1))
-        elif cond and cond.group(1) in comps:
+      if inst.opcode == "while":
+        trip = module.trip_count(inst)
+        if trip is None:
           # No annotation (the TPU compiler's HLO): the loop bound is the integer constant
           # its condition compares the counter with.
-          bounds = [int(x) for x in _INT_CONST_RE.findall("\n".join(comps[cond.group(1)]))]
-          trip = max(bounds, default=1)
+          cond = module.computations.get(hlo.attr(inst.attrs, "condition"), [])
+          bounds = [module.constants.get(i.name, -1) for i in cond]
+          trip = max((b for b in bounds if b >= 0), default=1)
         # A windowed einsum loop passes shards around (a collective-permute per trip); other
         # collectives the TPU compiler schedules into it (the next layer's weights) run once.
-        windowed = "windowed_dot_general" in line
-      callees = _CALLS_RE.findall(line)
-      for b in _BRANCHES_RE.findall(line):
-        callees += [c.strip().lstrip("%") for c in b.split(",")]
-      for c in callees:
+        windowed = "windowed_dot_general" in inst.attrs
+      for c in module.callees(inst):
         visit(c, permutes * trip, others * (1 if windowed else trip))
 
-  if entry is not None:
-    visit(entry, 1, 1)
+  if module.entry is not None:
+    visit(module.entry, 1, 1)
   out = []
-  for name, lines in comps.items():
+  for name, insts in module.computations.items():
     if name not in times:
       continue
-    for line in lines:
-      m = _INSTR_RE.match(line)
-      if not m:
+    for inst in insts:
+      kind = inst.opcode.removesuffix("-start")
+      if kind not in COLLECTIVE_KINDS or inst.opcode.endswith("-done"):
         continue
-      op = m.group(3)
-      kind = op.removesuffix("-start")
-      if kind not in COLLECTIVE_KINDS or op.endswith("-done") or _group_size(line) == 1:
+      if _group_size(inst.attrs) == 1:
         continue  # groups of one device move nothing
-      result = m.group(2)
-      operands = m.group(4).split("),", 1)[0]
-      name_m = _OPNAME_RE.search(line)
-      result_shapes = _shapes(result)
-      if op.endswith("-start"):
+      name_m = _OPNAME_RE.search(inst.attrs)
+      result_shapes = [(dtype, dims) for dtype, dims, _ in hlo.arrays(inst.shape)]
+      if inst.opcode.endswith("-start"):
         # An async start returns (operands, results, scalar contexts): keep the results.
         arrays = [x for x in result_shapes if x[1]]
         result_shapes = arrays[len(arrays) // 2 :] if len(arrays) > 1 else arrays
       size = max(
-        sum(math.prod(d) * _DTYPE_BYTES.get(t, 4) for t, d in result_shapes),
-        _shape_bytes(operands),
+        sum(math.prod(d) * hlo.DTYPE_BYTES[t] for t, d in result_shapes),
+        hlo.shape_bytes(inst.args),
       )
       out.append(
         Collective(
           kind=kind,
-          bytes=size,
+          # Sub-byte types (s4) can leave half a byte.
+          bytes=math.ceil(size),
           shapes=result_shapes,
           times=times[name][0 if kind == "collective-permute" else 1],
           optimizer=bool(name_m and OPTIMIZER_SCOPE in name_m.group(1)),
