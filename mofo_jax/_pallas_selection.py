@@ -106,7 +106,7 @@ def tiling(
     tile_cols = _largest_divisor(cols, _LANES, max(_LANES, min(2048, tile_entries // sublanes)))
   else:
     tile_cols = cols  # a full axis needs no alignment
-  tile_rows = _largest_divisor(block_rows, sublanes, max(1, tile_entries // tile_cols))
+  tile_rows = _largest_divisor(block_rows, sublanes, max(sublanes, tile_entries // tile_cols))
   if tile_rows is None and block_rows == rows and rows * tile_cols <= tile_entries:
     tile_rows = rows
   if tile_cols is None or tile_rows is None:
@@ -117,8 +117,9 @@ def tiling(
 def _signed_keys(m: jax.Array) -> jax.Array:
   """The keys of ``|m|`` shifted by ``-2**31`` into int32, so that a signed comparison orders
   them as unsigned ones (candidates reach ``2**31`` and beyond, where no key is)."""
-  keys = lax.bitcast_convert_type(jnp.abs(m.astype(jnp.float32)), jnp.int32)
-  return keys + jnp.int32(-(2**31))
+  # Clearing the sign bit is |m|'s bit pattern (NaN's too), without a float op.
+  bits = lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32)
+  return (bits & jnp.int32(2**31 - 1)) + jnp.int32(-(2**31))
 
 
 def _signed(cands: jax.Array) -> jax.Array:
@@ -130,7 +131,9 @@ def _count_into(keys, cands_ref, t: Tiling, num_cands: int, out_ref):
   """Writes, for the tile's block, how many of ``keys`` reach each candidate (lane j holds
   candidate j) into the ``[8, 128]`` output tile. Sums run in float32: exact for tiles under
   2**24 entries."""
-  block = pl.program_id(0) * t.tile_rows // t.block_rows
+  # lax.div: jnp's floor division of a signed int lowers through sign, which Mosaic lowers only
+  # when it can ask the device for its generation.
+  block = lax.div(pl.program_id(0), jnp.int32(t.block_rows // t.tile_rows))
   lane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, _LANES), 1)
   acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
   for j in range(num_cands):
