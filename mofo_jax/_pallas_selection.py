@@ -191,6 +191,9 @@ def fused_moments(
       _counts_shape(t),
     ),
     grid_spec=_grid_spec(t, 3, 2),
+    # The new moments overwrite the old ones (operands count the prefetched candidates): with
+    # the state donated, no copy of them is allocated.
+    input_output_aliases={2: 0, 3: 1},
     compiler_params=_params(),
     interpret=interpret,
     name="mofo_adam_moments_count",
