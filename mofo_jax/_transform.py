@@ -13,6 +13,7 @@ import optax
 from mofo_jax import _approx
 from mofo_jax import _counts
 from mofo_jax import _local
+from mofo_jax import _pallas_selection
 from mofo_jax import _partition
 from mofo_jax import _selection
 from mofo_jax import _telemetry
@@ -301,10 +302,12 @@ def _apply_masks(directions, masks, leaves) -> list[jax.Array]:
 
 def resolve_selection(selection: SelectionLike) -> _selection.Selection:
   """The selection object for ``selection=``: ``"exact"``, ``"approx"`` and ``"local"`` are
-  shortcuts for ``ExactSelection()``, ``ApproxSelection()`` and ``LocalSelection()``."""
+  shortcuts for ``PallasSelection()`` (``ExactSelection()``'s results, by Pallas kernels where
+  the program is lowered for one TPU and a leaf allows them), ``ApproxSelection()`` and
+  ``LocalSelection()``."""
   if isinstance(selection, str):
     shortcuts = {
-      "exact": _selection.ExactSelection,
+      "exact": _pallas_selection.PallasSelection,
       "approx": _approx.ApproxSelection,
       "local": _local.LocalSelection,
     }
@@ -373,8 +376,9 @@ def scale_by_mofo(
     nu_dtype: dtype of the second moment; default float32.
     seed: seed of the random masks of ``score="random"``.
     selection: how thresholds are found, a :class:`mofo_jax.Selection` or a shortcut:
-      ``"exact"`` = :class:`mofo_jax.ExactSelection` ``()``, the k-th largest per block by
-      counting (on sharded leaves this costs small all-reduces of counts; its ``method`` and
+      ``"exact"`` = :class:`mofo_jax.PallasSelection` ``()``, the k-th largest per block by
+      counting as :class:`mofo_jax.ExactSelection` ``()`` does it (with the moments and the
+      first count fused into one Pallas kernel pass on one TPU; on sharded leaves this costs small all-reduces of counts; its ``method`` and
       ``radix_bits`` are set on the object); ``"approx"`` = :class:`mofo_jax.ApproxSelection`
       ``()``, the k-th largest of a fixed random sample of each block (65536 entries per leaf of
       1M entries or more, 1/16 of smaller leaves, at least 4096; at least 1024 per block of a

@@ -1,0 +1,466 @@
+"""Exact selection by Pallas TPU (Mosaic) kernels: Adam's moments fused with the first count.
+
+The XLA path computes the new first moment into a buffer and then searches its threshold in
+passes that XLA:TPU cannot fuse with the Adam pass. Here one kernel reads g, m, v, writes the
+new m and v, and in the same pass counts, per block, the entries whose key (the bits of |m| as
+an integer, see :func:`mofo_jax._selection.score_keys`) reach each of a few candidates: the 16
+values of the key's top 4 bits and both ends of a bracket around the last step's threshold.
+Narrow counting kernels then re-read only the new m, 4 bits of the threshold per pass: 5 passes
+when every block's threshold stayed in its bracket of ``2**20`` keys, else 7. The threshold is
+the k-th largest key of each block however it is searched, and the counts are of the same keys,
+so thresholds, counts and masks equal the XLA path's bit for bit; the mask is compared by XLA
+on the kernel's m buffer and fused into the masked update there (with the direction and, in a
+jitted step, ``apply_updates``: one pass reading m, v and p).
+
+A leaf takes the kernel when it is filtered, has two or more axes, float32 or bfloat16
+gradients and moments, blocks that are whole leaves or slices along leading axes (each layer of
+a stacked ``[layers, d_in, d_out]`` weight) that tile into lane-aligned VMEM tiles, and the
+partition is not global. Every other leaf (and every leaf on more than one device, where the
+kernel would see a gathered operand) goes through the ``fallback`` selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mofo_jax import _counts
+from mofo_jax import _partition
+from mofo_jax import _selection
+
+RADIX_BITS = 4  # bits of the threshold fixed per pass: 15 candidates per count
+KEY_BITS = 31  # |m| clears the sign bit
+BRACKET_BITS = 20  # as ExactSelection's default: +-3% to +-6% of the last threshold
+# Entries per VMEM tile. The fused pass double-buffers five tiles (g, m, v in; m, v out) plus
+# its key and comparison temporaries; at 2**18 float32 entries it compiles under the 32 MiB of
+# scoped VMEM on v5e, v6e and v4 (tests/test_pallas.py compiles it through libtpu).
+TILE_ENTRIES = 1 << 18
+_LANES = 128
+_SUBLANES = 8
+_SIGN = np.uint32(1 << 31)
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a leaf, viewed as ``[rows, cols]``, is cut into VMEM tiles inside its blocks."""
+
+  rows: int  # rows of the 2-D view: every axis of the view but the last
+  cols: int  # the view's last axis
+  block_rows: int  # rows of one block (the blocks are consecutive runs of rows)
+  tile_rows: int  # rows of one tile; divides block_rows
+  tile_cols: int  # columns of one tile; divides cols
+
+  @property
+  def num_blocks(self) -> int:
+    return self.rows // self.block_rows
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.rows // self.tile_rows, self.cols // self.tile_cols
+
+
+def _largest_divisor(n: int, step: int, limit: int) -> int | None:
+  """The largest multiple of ``step`` that divides ``n`` and is at most ``limit``."""
+  for d in range(min(n, limit) // step * step, 0, -step):
+    if n % d == 0:
+      return d
+  return None
+
+
+def tiling(
+  shape: tuple[int, ...],
+  spec: _partition.BlockSpec,
+  dtypes: tuple[Any, ...],
+  tile_entries: int = TILE_ENTRIES,
+) -> Tiling | None:
+  """The tiles the kernels use for a leaf of ``shape`` cut by ``spec``, or None where they do
+  not apply (odd dtypes, a split of the last axis, tiles Mosaic cannot lay out).
+
+  Example:
+    >>> tiling((128256, 4096), _partition.PER_LEAF, (jnp.float32,))
+    Tiling(rows=128256, cols=4096, block_rows=128256, tile_rows=128, tile_cols=2048)
+  """
+  if any(jnp.dtype(d) not in _DTYPES for d in dtypes):
+    return None
+  view = spec.view_shape(shape)
+  if len(view) < 2 or math.prod(view) == 0:
+    return None
+  split = spec.block_axes(shape)
+  if split != tuple(range(len(split))) or len(split) >= len(view) - 1:
+    # Blocks must be runs of whole rows; blocks of single rows would need a count per row.
+    return None
+  rows, cols = math.prod(view[:-1]), view[-1]
+  block_rows = math.prod(view[len(split) : -1])
+  # Packed bfloat16 tiles are 16 rows deep.
+  sublanes = _SUBLANES * max(4 // jnp.dtype(d).itemsize for d in dtypes)
+  if cols % _LANES == 0:
+    tile_cols = _largest_divisor(cols, _LANES, max(_LANES, min(2048, tile_entries // sublanes)))
+  else:
+    tile_cols = cols  # a full axis needs no alignment
+  tile_rows = _largest_divisor(block_rows, sublanes, max(sublanes, tile_entries // tile_cols))
+  if tile_rows is None and block_rows == rows and rows * tile_cols <= tile_entries:
+    tile_rows = rows
+  if tile_cols is None or tile_rows is None:
+    return None
+  return Tiling(rows, cols, block_rows, tile_rows, tile_cols)
+
+
+def _signed_keys(m: jax.Array) -> jax.Array:
+  """The keys of ``|m|`` shifted by ``-2**31`` into int32, so that a signed comparison orders
+  them as unsigned ones (candidates reach ``2**31`` and beyond, where no key is)."""
+  # Clearing the sign bit is |m|'s bit pattern (NaN's too), without a float op.
+  bits = lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32)
+  return (bits & jnp.int32(2**31 - 1)) + jnp.int32(-(2**31))
+
+
+def _signed(cands: jax.Array) -> jax.Array:
+  """uint32 candidates as the int32 :func:`_signed_keys` compare against."""
+  return lax.bitcast_convert_type(cands ^ _SIGN, jnp.int32)
+
+
+def _count_into(keys, cands_ref, t: Tiling, num_cands: int, out_ref):
+  """Writes, for the tile's block, how many of ``keys`` reach each candidate (lane j holds
+  candidate j) into the ``[8, 128]`` output tile. Sums run in float32: exact for tiles under
+  2**24 entries."""
+  # lax.div: jnp's floor division of a signed int lowers through sign, which Mosaic lowers only
+  # when it can ask the device for its generation.
+  block = lax.div(pl.program_id(0), jnp.int32(t.block_rows // t.tile_rows))
+  lane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, _LANES), 1)
+  acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
+  for j in range(num_cands):
+    hits = (keys >= cands_ref[block * num_cands + j]).astype(jnp.float32)
+    total = jnp.sum(jnp.sum(hits, axis=0, keepdims=True), axis=1, keepdims=True)
+    acc = jnp.where(lane == j, total, acc)
+  out_ref[...] = acc.astype(jnp.int32)
+
+
+def _grid_spec(t: Tiling, num_inputs: int, num_outputs: int):
+  tile = pl.BlockSpec((t.tile_rows, t.tile_cols), lambda i, j, c: (i, j))
+  counts = pl.BlockSpec((_SUBLANES, _LANES), lambda i, j, c: (i, j))
+  return pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=1,
+    grid=t.grid,
+    in_specs=[tile] * num_inputs,
+    out_specs=[tile] * num_outputs + [counts],
+  )
+
+
+def _counts_shape(t: Tiling) -> jax.ShapeDtypeStruct:
+  rows, cols = t.grid
+  return jax.ShapeDtypeStruct((rows * _SUBLANES, cols * _LANES), jnp.int32)
+
+
+def _params() -> pltpu.CompilerParams:
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+
+
+def fused_moments(
+  g, mu, nu, cands, t: Tiling, first_moment, second_moment, *, interpret: bool = False
+):
+  """One pass over 2-D ``g, mu, nu``: the new moments and, per tile, the count of the new
+  ``|m|``'s keys at each of the ``cands`` (``int32[num_blocks * num_cands]``, signed as
+  :func:`_signed`).
+
+  Returns:
+    The new m (mu's dtype), the new v (nu's dtype) and the counts, ``int32[grid_rows * 8,
+    grid_cols * 128]`` (row 8i, lane 128j + c: tile (i, j), candidate c).
+  """
+  num_cands = cands.size // t.num_blocks
+
+  def kernel(cands_ref, g_ref, mu_ref, nu_ref, m_ref, v_ref, out_ref):
+    g = g_ref[...]
+    m = first_moment(g, mu_ref[...])
+    m_ref[...] = m
+    v_ref[...] = second_moment(g, nu_ref[...])
+    _count_into(_signed_keys(m), cands_ref, t, num_cands, out_ref)
+
+  return pl.pallas_call(
+    kernel,
+    out_shape=(
+      jax.ShapeDtypeStruct(mu.shape, mu.dtype),
+      jax.ShapeDtypeStruct(nu.shape, nu.dtype),
+      _counts_shape(t),
+    ),
+    grid_spec=_grid_spec(t, 3, 2),
+    # The new moments overwrite the old ones (operands count the prefetched candidates): with
+    # the state donated, no copy of them is allocated.
+    input_output_aliases={2: 0, 3: 1},
+    compiler_params=_params(),
+    interpret=interpret,
+    name="mofo_adam_moments_count",
+  )(cands, g, mu, nu)
+
+
+def count_keys(m, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
+  """One read of the 2-D ``m``: per tile, the count of its keys at each of ``cands`` (as
+  :func:`fused_moments` returns them)."""
+  num_cands = cands.size // t.num_blocks
+
+  def kernel(cands_ref, m_ref, out_ref):
+    _count_into(_signed_keys(m_ref[...]), cands_ref, t, num_cands, out_ref)
+
+  (out,) = pl.pallas_call(
+    kernel,
+    out_shape=(_counts_shape(t),),
+    grid_spec=_grid_spec(t, 1, 0),
+    compiler_params=_params(),
+    interpret=interpret,
+    name="mofo_count_keys",
+  )(cands, m)
+  return out
+
+
+def block_counts(tiles: jax.Array, t: Tiling, num_cands: int) -> _counts.Count:
+  """``[num_blocks, num_cands]`` Counts from the per-tile counts of a kernel: exact past 2**31
+  (tiles hold under 2**24 entries; 2**7 of them sum in int32, then by limbs)."""
+  rows, cols = t.grid
+  per_tile = tiles.reshape(rows, _SUBLANES, cols, _LANES)[:, 0, :, :num_cands]
+  per_block = per_tile.reshape(t.num_blocks, -1, num_cands)
+  n = per_block.shape[1]
+  group = 1 << 7
+  if n <= group:
+    return _counts.split(jnp.sum(per_block, axis=1, dtype=jnp.int32))
+  pad = -n % group
+  per_block = jnp.pad(per_block, ((0, 0), (0, pad), (0, 0)))
+  partial = jnp.sum(per_block.reshape(t.num_blocks, -1, group, num_cands), axis=2)
+  return _counts.sum_counts(_counts.split(partial), axis=1)
+
+
+def _digit(counts: _counts.Count, k: _counts.Count) -> tuple[jax.Array, _counts.Count]:
+  """Per block, how many of the ascending candidates keep at least k entries, and the count at
+  the last of them (the count at the base where none does; the caller keeps that)."""
+  ok = _counts.greater_equal(counts, _counts.Count(k.hi[..., None], k.lo[..., None]))
+  digit = jnp.sum(ok, axis=-1, dtype=jnp.uint32)
+  pick = jnp.maximum(digit.astype(jnp.int32) - 1, 0)[..., None]
+  at = _counts.Count(*(jnp.take_along_axis(a, pick, axis=-1)[..., 0] for a in counts))
+  return digit, at
+
+
+def _candidates(base: jax.Array, shift: int, bits: int) -> jax.Array:
+  """``[num_blocks, 2**bits - 1]`` uint32: ``base + d << shift`` for every non-zero digit d."""
+  digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32) << shift
+  return base[:, None] + digits
+
+
+def _resolve(prefix, count, cands_counts, k, shift):
+  digit, at = _digit(cands_counts, k)
+  found = digit > 0
+  count = _counts.Count(*(jnp.where(found, a, c) for a, c in zip(at, count)))
+  return prefix + (digit << shift), count
+
+
+def _search(m, t: Tiling, k, base, count, digits, interpret):
+  """Fixes the digits ``(shift, bits)`` of the k-th largest key at or above ``base`` (whose
+  count is ``count``), one counting kernel per digit."""
+  prefix = base
+  for shift, bits in digits:
+    cands = _candidates(prefix, shift, bits)
+    tiles = count_keys(m, _signed(cands).reshape(-1), t, interpret=interpret)
+    prefix, count = _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
+  return prefix, count
+
+
+# (shift, bits) of the digits after the fused pass: it fixes bits 30-27 of the key, these the
+# other 27 (the last digit is 3 bits); in a bracket, the 20 bits above its lower end.
+_FULL_DIGITS = tuple((s, RADIX_BITS) for s in range(23, 0, -RADIX_BITS)) + ((0, 3),)
+_BRACKET_DIGITS = tuple((s, RADIX_BITS) for s in range(BRACKET_BITS - RADIX_BITS, -1, -RADIX_BITS))
+
+
+def select_leaf(
+  g, mu, nu, t: Tiling, fraction, first_moment, second_moment, previous=None, *, interpret=False
+):
+  """The new moments and, per block, the k-th largest key of the new ``|m|`` and its count.
+
+  Args:
+    g, mu, nu: the gradient and old moments, viewed ``[rows, cols]``.
+    t: their :func:`tiling`.
+    fraction: the fraction kept per block.
+    first_moment, second_moment: ``(g, old) -> new``, elementwise (traced into the kernel).
+    previous: ``[num_blocks]`` float32, the last step's thresholds: with them the search is
+      bracketed (see module); None searches every bit.
+    interpret: run the kernels in Pallas's interpreter (any backend; for tests).
+
+  Returns:
+    The new m, the new v, the thresholds (``float32[num_blocks]``) and the counts at them.
+  """
+  n = t.block_rows * t.cols
+  k = _counts.num_to_select(fraction, n)
+  k = _counts.Count(*(jnp.broadcast_to(a, (t.num_blocks,)) for a in k))
+  zeros = jnp.zeros((t.num_blocks,), jnp.uint32)
+  all_count = _counts.constant(n, (t.num_blocks,))
+  top = _candidates(zeros, KEY_BITS - RADIX_BITS, RADIX_BITS)
+  if previous is not None:
+    half = jnp.uint32(1 << (BRACKET_BITS - 1))
+    pk = lax.bitcast_convert_type(previous.astype(jnp.float32), jnp.uint32)
+    lows = jnp.where(pk > half, pk - half, jnp.zeros_like(pk))
+    ends = jnp.stack([lows, lows + jnp.uint32(1 << BRACKET_BITS)], axis=-1)
+    cands = jnp.concatenate([top, ends], axis=-1)
+  else:
+    cands = top
+  m, v, tiles = fused_moments(
+    g,
+    mu,
+    nu,
+    _signed(cands).reshape(-1),
+    t,
+    first_moment,
+    second_moment,
+    interpret=interpret,
+  )
+  counts = block_counts(tiles, t, cands.shape[1])
+  top_counts = _counts.Count(*(a[:, : top.shape[1]] for a in counts))
+  prefix, count = _resolve(zeros, all_count, top_counts, k, KEY_BITS - RADIX_BITS)
+
+  def full():
+    return _search(m, t, k, prefix, count, _FULL_DIGITS, interpret)
+
+  if previous is None:
+    prefix, count = full()
+  else:
+    at_low = _counts.Count(*(a[:, -2] for a in counts))
+    at_high = _counts.Count(*(a[:, -1] for a in counts))
+    inside = _counts.greater_equal(at_low, k) & ~_counts.greater_equal(at_high, k)
+    prefix, count = lax.cond(
+      jnp.all(inside),
+      lambda: _search(m, t, k, lows, at_low, _BRACKET_DIGITS, interpret),
+      full,
+    )
+  return m, v, _selection.keys_to_threshold(prefix), count
+
+
+def _traceable(fn, *dtypes) -> bool:
+  """Whether ``fn`` traces into a kernel: it must close over no arrays (a traced b1 would)."""
+  args = [jax.ShapeDtypeStruct((8, _LANES), d) for d in dtypes]
+  return not jax.make_jaxpr(fn)(*args).consts
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasSelection:
+  """``selection=``: exact selection with the momentum's search fused into Adam's pass by Pallas
+  TPU kernels where a leaf allows it (see module), the ``fallback`` selection elsewhere.
+
+  Thresholds, counts, masks and new moments equal :class:`mofo_jax.ExactSelection`'s bit for
+  bit (tested in interpret mode). Only ``score="momentum"`` uses the kernels; other scores are
+  ranked by the fallback.
+
+  Attributes:
+    kernel: ``"auto"``: the kernels when the program is lowered for TPU on one device
+      (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
+      kernels wherever they apply (on CPU only with ``interpret``).
+    interpret: run the kernels in Pallas's interpreter (tests on CPU).
+    bracket: start each block's search from the last step's threshold (5 counting passes
+      after the fused one when every block's threshold is within ``2**19`` keys of its last
+      one, else 7); False: always 7.
+    tile_entries: entries per VMEM tile (see :func:`tiling`).
+    fallback: the selection of the leaves the kernels do not take.
+
+  Example:
+    >>> import mofo_jax
+    >>> opt = mofo_jax.mofo(1e-3, selection=mofo_jax.PallasSelection())
+  """
+
+  kernel: Literal["auto", "always"] = "auto"
+  interpret: bool = False
+  bracket: bool = True
+  tile_entries: int = TILE_ENTRIES
+  fallback: Any = dataclasses.field(default_factory=_selection.ExactSelection)
+
+  def __post_init__(self):
+    if self.kernel not in ("auto", "always"):
+      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
+    if not isinstance(self.tile_entries, int) or self.tile_entries < _SUBLANES * _LANES:
+      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return self.fallback.initial_thresholds(leaves, filtered, specs)
+
+  def select(self, scores, filtered, specs, is_global, fraction, previous=None):
+    return self.fallback.select(scores, filtered, specs, is_global, fraction, previous=previous)
+
+  def tilings(self, moments, filtered, specs, is_global) -> list[Tiling | None]:
+    """Per leaf, the kernels' tiling, or None where the leaf goes to the fallback."""
+    if is_global or (self.kernel == "auto" and jax.device_count() > 1):
+      return [None] * len(filtered)
+    out = []
+    for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
+      dtypes = (g.dtype, mu.dtype, nu.dtype)
+      ok = f and _traceable(moments.first_moment, g.dtype, mu.dtype)
+      ok = ok and _traceable(moments.second_moment, g.dtype, nu.dtype)
+      out.append(tiling(g.shape, spec, dtypes, self.tile_entries) if ok else None)
+    return out
+
+  def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
+    """The new moments and the exact selection of the new first moment (see
+    :func:`mofo_jax.select_momentum`), by the kernels for the leaves they take."""
+    tilings = self.tilings(moments, filtered, specs, is_global)
+
+    def fallback():
+      return _selection.select_momentum(
+        self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
+      )
+
+    if not any(tilings):
+      return fallback()
+
+    def kernels():
+      return self._with_kernels(moments, filtered, specs, is_global, fraction, previous, tilings)
+
+    if self.kernel == "always":
+      return kernels()
+    return lax.platform_dependent(tpu=kernels, default=fallback)
+
+  def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings):
+    rest = [i for i, t in enumerate(tilings) if t is None]
+    pick = lambda xs: [xs[i] for i in rest]
+    sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
+    outs = _selection.select_momentum(
+      self.fallback,
+      sub,
+      pick(filtered),
+      pick(specs),
+      is_global,
+      fraction,
+      previous=None if previous is None else pick(previous),
+    )
+    results = [[None] * len(tilings) for _ in range(5)]
+    for j, i in enumerate(rest):
+      for r, o in zip(results, outs):
+        r[i] = o[j]
+    for i, t in enumerate(tilings):
+      if t is None:
+        continue
+      g, mu, nu = (
+        x.reshape(t.rows, t.cols) for x in (moments.grads[i], moments.mus[i], moments.nus[i])
+      )
+      prev = None
+      if previous is not None and self.bracket:
+        prev = previous[i].reshape(t.num_blocks)
+      m, v, tau, count = select_leaf(
+        g,
+        mu,
+        nu,
+        t,
+        fraction,
+        moments.first_moment,
+        moments.second_moment,
+        prev,
+        interpret=self.interpret,
+      )
+      shape = moments.grads[i].shape
+      block_shape = specs[i].block_shape(shape)
+      m, v = m.reshape(shape), v.reshape(shape)
+      tau = tau.reshape(block_shape)
+      results[0][i], results[1][i] = m, v
+      results[2][i] = _selection.block_mask(m, specs[i], tau)
+      results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
+      results[4][i] = tau
+    return tuple(results)

@@ -1,0 +1,128 @@
+"""The Pallas kernel selection against the XLA exact path, bit for bit, in interpret mode."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mofo_jax
+from mofo_jax import _pallas_selection as ps
+from mofo_jax import _selection
+
+# Tiles of 1024 entries: several tiles per block, and blocks of several tiles, at test sizes.
+KERNEL = ps.PallasSelection(kernel="always", interpret=True, tile_entries=1024)
+XLA = mofo_jax.ExactSelection(method="count")
+LAYERS = mofo_jax.BlockSpec(split_axes=(0,))
+
+
+def _arrays(shape, dtype, seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  g, mu, nu = (rng.normal(size=shape) for _ in range(3))
+  return jnp.asarray(scale * g, dtype), jnp.asarray(mu, dtype), jnp.asarray(np.abs(nu), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _select(selection, spec, fraction, g, mu, nu, previous):
+  """New moments, masks, counts and thresholds, as ``selection`` computes them for one leaf."""
+  adam = mofo_jax._transform._Adam.at(jnp.int32(2), 0.9, 0.999, 1e-8, mu.dtype, nu.dtype)
+  moments = _selection.MomentUpdate(
+    [g], [mu], [nu], adam.first_moment, adam.second_moment, jnp.int32(1)
+  )
+  return _selection.select_momentum(
+    selection, moments, [True], [spec], False, fraction, previous=previous
+  )
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _both(arrays, spec, fraction, previous):
+  kernel = _select(KERNEL, spec, fraction, *arrays, previous)
+  xla = _select(XLA, spec, fraction, *arrays, previous)
+  assert_same(kernel, xla)
+  return kernel
+
+
+def test_kernel_takes_these_leaves():
+  f32 = (jnp.float32,) * 3
+  assert ps.tiling((64, 256), mofo_jax.BlockSpec(), f32, 1024).grid == (8, 2)
+  assert ps.tiling((4, 16, 128), LAYERS, f32, 1024).grid == (8, 1)
+  # Single rows as blocks, a split of the last axis, vectors, float64: the fallback.
+  assert ps.tiling((64, 256), LAYERS, f32) is None
+  assert ps.tiling((64, 256), mofo_jax.BlockSpec(split_axes=(1,)), f32) is None
+  assert ps.tiling((64,), mofo_jax.BlockSpec(), f32) is None
+  assert ps.tiling((64, 256), mofo_jax.BlockSpec(), (jnp.float64,)) is None
+
+
+@pytest.mark.slow  # ~26 s: every example compiles the interpreted kernels afresh
+@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
+@hypothesis.given(
+  layers=st.sampled_from([0, 2, 3]),
+  rows=st.sampled_from([16, 32, 48]),
+  cols=st.sampled_from([128, 256, 384, 40]),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+  fraction=st.sampled_from([0.1, 0.37, 1.0, 1e-6]),
+  seed=st.integers(0, 2**16),
+)
+def test_equals_xla_exact(layers, rows, cols, dtype, fraction, seed):
+  """Masks, thresholds, counts and new moments equal the XLA path's, bracket hit and missed."""
+  shape = (layers, rows, cols) if layers else (rows, cols)
+  spec = LAYERS if layers else mofo_jax.BlockSpec()
+  arrays = _arrays(shape, dtype, seed)
+  assert ps.tiling(shape, spec, (dtype,) * 3, KERNEL.tile_entries) is not None
+  zeros = [jnp.zeros(spec.block_shape(shape), jnp.float32)]
+  first = _both(arrays, spec, fraction, zeros)
+  # The next step's gradient barely moves the momentum: every threshold stays in its bracket.
+  nearby = _arrays(shape, dtype, seed, scale=1.0 + 1e-4)
+  _both(nearby, spec, fraction, first[4])
+
+
+def test_ties_and_nan_are_kept():
+  _, _, nu = _arrays((16, 128), jnp.float32, 0)
+  g = jnp.zeros((16, 128)).at[0, :5].set(jnp.nan)
+  out = _both((g, jnp.ones((16, 128)), nu), mofo_jax.BlockSpec(), 0.01, [jnp.zeros((1, 1))])
+  assert int(out[2][0].sum()) == 16 * 128  # NaNs first, then every tied 0.9
+
+
+def test_optimizer_steps_equal_exact():
+  """Whole MoFO steps: the kernel leaves, the fallback leaves and the state all equal."""
+  params = {"w": jnp.zeros((32, 128)), "s": jnp.zeros((2, 8, 128)), "b": jnp.zeros(8)}
+  part = {"w": mofo_jax.BlockSpec(), "s": LAYERS, "b": mofo_jax.BlockSpec()}
+  runs = []
+  for sel in (KERNEL, XLA):
+    opt = optax.chain(mofo_jax.scale_by_mofo(0.1, partition=part, selection=sel))
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(2):
+      g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+      u, state = update(g, state)
+      out.append((u, state))
+    runs.append(out)
+  assert_same(*runs)
+
+
+def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
+  # On one device "auto" leaves the choice to the platform lowered for.
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  arrays = _arrays((16, 128), jnp.float32, 0)
+  spec = mofo_jax.BlockSpec()
+  auto = ps.PallasSelection(tile_entries=1024)
+  text = _select.lower(auto, spec, 0.1, *arrays, None).as_text()
+  assert "mofo_count_keys" not in text and "tpu_custom_call" not in text
+  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(XLA, spec, 0.1, *arrays, None))
+
+
+@pytest.mark.parametrize("bad", [{"kernel": "gpu"}, {"tile_entries": 8}])
+def test_bad_arguments(bad):
+  with pytest.raises(ValueError):
+    ps.PallasSelection(**bad)

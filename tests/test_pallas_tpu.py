@@ -1,0 +1,72 @@
+"""The Pallas kernels compile ahead of time for TPU v5e, v6e and v4 through libtpu (no TPU
+needed), for the largest leaves of the 8B and 70B presets, within the 32 MiB of scoped VMEM.
+
+Runs where libtpu is installed (the ``tpu-plan`` extra), skips elsewhere.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import mofo_jax
+from mofo_jax import _pallas_selection as ps
+
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (extra tpu-plan)"
+)
+
+LAYERS = mofo_jax.BlockSpec(split_axes=(0,))
+# The 128256 x 4096 embedding of the 8B preset, the 70B's 128256 x 8192 one as a two-way row
+# shard, and stacked MLP weights with per-layer blocks. The tiles, and so VMEM, depend on
+# neither the row nor the layer count; whole, the 70B leaves' five arrays of the fused pass
+# exceed one chip's HBM (v5e: 16 GiB; the compiler refuses them for that).
+LEAVES = {
+  "embed-8b": ((128256, 4096), mofo_jax.BlockSpec()),
+  "embed-70b-shard": ((64128, 8192), mofo_jax.BlockSpec()),
+  "up-8b": ((4, 4096, 14336), LAYERS),
+  "down-70b": ((2, 28672, 8192), LAYERS),
+}
+
+
+def _device(topology):
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  from jax.experimental import topologies
+
+  kwargs = {"chip_config_name": "megacore"} if topology.startswith("v4") else {}
+  topo = topologies.get_topology_desc(
+    platform="tpu", topology_name=topology, chips_per_host_bounds=(1, 1, 1), **kwargs
+  )
+  return topo.devices[0]
+
+
+def _compile(topology, shape, spec, tile_entries=ps.TILE_ENTRIES):
+  mesh = jax.sharding.Mesh([_device(topology)], ("chip",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  t = ps.tiling(shape, spec, (jnp.float32,) * 3, tile_entries)
+  x = jax.ShapeDtypeStruct((t.rows, t.cols), jnp.float32, sharding=sharding)
+  prev = jax.ShapeDtypeStruct((t.num_blocks,), jnp.float32, sharding=sharding)
+  adam = mofo_jax._transform._Adam.at(jnp.int32(1), 0.9, 0.999, 1e-8, jnp.float32, jnp.float32)
+
+  def step(g, mu, nu, previous):
+    return ps.select_leaf(g, mu, nu, t, 0.1, adam.first_moment, adam.second_moment, previous)
+
+  return jax.jit(step).lower(x, x, x, prev).compile()
+
+
+@pytest.mark.slow  # ~3 s per compile
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1", "v4:1x1x1"])
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_compiles_within_scoped_vmem(topology, leaf):
+  shape, spec = LEAVES[leaf]
+  compiled = _compile(topology, shape, spec)
+  text = compiled.as_text()
+  assert text.count("mofo_adam_moments_count") >= 1 and "mofo_count_keys" in text
+
+
+def test_vmem_limit_is_what_refuses_larger_tiles():
+  """Tiles of 2**20 entries overflow the 32 MiB of scoped VMEM: the check above can fail."""
+  with pytest.raises(Exception, match="(?i)vmem"):
+    _compile("v6e:1x1", (8192, 2048), mofo_jax.BlockSpec(), tile_entries=1 << 20)
