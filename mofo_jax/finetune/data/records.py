@@ -114,7 +114,9 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     with epath.Path(path).open("rb") as f:
       table = pq.read_table(f)
   except pyarrow.ArrowException as e:
-    raise ValueError(f"{os.fspath(path)}: unreadable Parquet ({' '.join(str(e).split())})") from None
+    raise ValueError(
+      f"{os.fspath(path)}: unreadable Parquet ({' '.join(str(e).split())})"
+    ) from None
   for i, row in enumerate(table.to_pylist(), start=1):
     yield f"{os.fspath(path)}: row {i}", row
 
