@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument(
     "--data",
     default="arithmetic",
-    help="'arithmetic' (synthetic word problems) or a JSONL file with 'prompt' and "
-    "'response' fields (default: %(default)s)",
+    help="'arithmetic' (synthetic word problems) or your own JSONL or Parquet file of "
+    "conversations ('messages'), 'prompt' + 'completion' (or 'response') pairs, or 'text' "
+    "(see 'your own data' below; default: %(default)s)",
   )
   g.add_argument("--difficulty", type=int, default=2, help="arithmetic difficulty (default: 2)")
   g.add_argument(
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="batches of pydoc / Bible text scored for forgetting, besides the general-knowledge "
     "cloze prompts; 0 measures neither (default: 2)",
   )
+  _add_user_data_flags(p)
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", choices=OPTIMIZERS, default="mofo", help="(default: mofo)")
   g.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
@@ -228,6 +230,46 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _add_user_data_flags(p: argparse.ArgumentParser) -> None:
+  """The flags that read the user's own ``--data`` file."""
+  from mofo_jax.finetune.data import FORMATS
+
+  g = p.add_argument_group(
+    "your own data",
+    "A conversation is rendered with the model's chat template and its assistant turns are\n"
+    "learned; a prompt/completion string pair is concatenated and the completion learned; text\n"
+    "is learned entirely. An EOS ends each example whose template does not end it.",
+  )
+  g.add_argument(
+    "--data-format",
+    choices=FORMATS,
+    default="auto",
+    help="how to read --data: by the first record's fields (default: %(default)s)",
+  )
+  g.add_argument("--messages-field", default="messages", help="(default: %(default)s)")
+  g.add_argument("--prompt-field", default="prompt", help="(default: %(default)s)")
+  g.add_argument(
+    "--completion-field",
+    default=None,
+    help="(default: completion, or response when the first record has that instead)",
+  )
+  g.add_argument("--text-field", default="text", help="(default: %(default)s)")
+  g.add_argument(
+    "--chat-template",
+    default=None,
+    metavar="none|FILE",
+    help="render conversations with this Jinja template file instead of the model's, or "
+    "'none': the turns' contents back to back",
+  )
+  g.add_argument(
+    "--eval-data",
+    default=None,
+    metavar="FILE",
+    help="held-out records (same formats) scored for loss (eval_data_loss) beside the "
+    "forgetting measures; default: the last tenth of --data, at most --eval-examples",
+  )
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
   """The run the parsed flags describe."""
   from mofo_jax.finetune import run_config as rc
@@ -267,6 +309,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
       grad_accum=args.grad_accum,
       truncate=args.truncate,
       seed=args.seed,
+      data_format=args.data_format,
+      messages_field=args.messages_field,
+      prompt_field=args.prompt_field,
+      completion_field=args.completion_field,
+      text_field=args.text_field,
+      chat_template=args.chat_template,
     ),
     optimizer=optimizer,
     steps=args.steps,
@@ -275,6 +323,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
       eval_examples=args.eval_examples,
       old_text_batches=args.old_text_batches,
       eval_every=args.eval_every,
+      eval_data=args.eval_data,
     ),
     output=rc.OutputSettings(
       output_dir=args.output_dir,

@@ -149,16 +149,21 @@ class Evaluator:
     old_text: name -> batches of held-out general text (every position scored).
     cloze: general-knowledge cloze prompts, one per row (see :func:`cloze_batches`); empty
       measures none.
+    task_loss: also report ``eval_data_loss``, the mean loss over every learned token of the
+      task batches (the user's held-out data, where an answer is more than a number).
   """
 
   task_batches: list[Batch]
   stop_ids: np.ndarray
   old_text: dict[str, list[Batch]]
   cloze: list[Batch] = dataclasses.field(default_factory=list)
+  task_loss: bool = False
 
   def __call__(self, trainer: Trainer) -> dict[str, float]:
     accuracy, answer_loss = answer_accuracy(trainer, self.task_batches, self.stop_ids)
     out = {"task_accuracy": accuracy, "task_answer_loss": answer_loss}
+    if self.task_loss:
+      out["eval_data_loss"] = eval_loss(trainer, self.task_batches)
     for name, batches in self.old_text.items():
       out[f"{name}_loss"] = eval_loss(trainer, batches)
     if self.cloze:

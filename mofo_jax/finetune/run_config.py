@@ -44,7 +44,8 @@ class DataSettings:
   """The training data and how it is batched.
 
   Attributes:
-    source: ``"arithmetic"`` (synthetic word problems) or a JSONL file of prompt/response.
+    source: ``"arithmetic"`` (synthetic word problems) or a JSON Lines or Parquet file of
+      conversations, prompt/completion pairs or text.
     difficulty: arithmetic difficulty.
     train_examples: arithmetic problems generated for training.
     seq_len: tokens per row.
@@ -52,6 +53,15 @@ class DataSettings:
     grad_accum: micro-batches per step; must divide ``batch_size``.
     truncate: cut examples longer than ``seq_len + 1`` tokens instead of refusing them.
     seed: data order (and the arithmetic problems).
+    data_format: ``"auto"`` (read off the first record), ``"messages"``,
+      ``"prompt-completion"`` or ``"text"``.
+    messages_field: the field holding a conversation's turns.
+    prompt_field: the field holding the prompt.
+    completion_field: the field holding the completion (None: ``completion``, or
+      ``response`` when the first record has that instead).
+    text_field: the field holding a text record's document.
+    chat_template: None (the model's), ``"none"`` (the turns' contents concatenated) or a
+      Jinja file rendering conversations.
   """
 
   source: str = "arithmetic"
@@ -62,6 +72,12 @@ class DataSettings:
   grad_accum: int = 1
   truncate: bool = False
   seed: int = 0
+  data_format: str = "auto"
+  messages_field: str = "messages"
+  prompt_field: str = "prompt"
+  completion_field: str | None = None
+  text_field: str = "text"
+  chat_template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +90,15 @@ class EvalSettings:
       general-knowledge cloze prompts are scored too.
     eval_every: evaluate every this many steps besides the start and the end (0: never).
     at_start: evaluate the pretrained model before the first step (the baseline).
+    eval_data: a file of the user's held-out records (as ``DataSettings.source``), scored for
+      loss beside the forgetting measures; None holds out the end of the training file.
   """
 
   eval_examples: int = 64
   old_text_batches: int = 2
   eval_every: int = 0
   at_start: bool = True
+  eval_data: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +249,8 @@ class RunConfig:
         f"--grad-accum {self.data.grad_accum} does not divide --batch-size "
         f"{self.data.batch_size}: each micro-batch must have the same number of rows."
       )
+    if self.eval.eval_data is not None and self.data.source == "arithmetic":
+      raise UserError("--eval-data is the held-out part of your own --data FILE; pass both.")
     if self.output.resume and not self.output.checkpoint_dir:
       raise UserError("--resume needs --checkpoint-dir (where the run's checkpoints are).")
     if self.output.resume and self.output.overwrite:

@@ -50,7 +50,9 @@ class Prepared:
 def _prepared_key(cfg: RunConfig) -> tuple:
   d, e = cfg.data, cfg.eval
   return (cfg.model, d.source, d.difficulty, d.train_examples, d.seq_len, d.batch_size, d.truncate,
-          d.seed, e.eval_examples, e.old_text_batches)  # fmt: skip
+          d.seed, e.eval_examples, e.old_text_batches,
+          d.data_format, d.messages_field, d.prompt_field, d.completion_field, d.text_field,
+          d.chat_template, e.eval_data)  # fmt: skip
 
 
 def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
@@ -102,9 +104,10 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) ->
   Raises:
     UserError: naming the flag or file whose input cannot be used.
   """
-  from mofo_jax.finetune import data as data_lib
-  from mofo_jax.finetune import evaluation
+  from mofo_jax.finetune import evaluation, user_data
 
+  d = cfg.data
+  loaded = None if d.source == "arithmetic" else user_data.load(cfg)
   model_config, model, tok = load_model(cfg.model, mesh)
   if tok.eos_token_id is None:
     warn(
@@ -112,8 +115,8 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) ->
       "(no eos_token in tokenizer_config.json): examples are trained without one, so the "
       "model does not learn to stop"
     )
-  d, hf_tok = cfg.data, tok.tokenizer
-  if d.source == "arithmetic":
+  hf_tok = tok.tokenizer
+  if loaded is None:
     try:
       train_examples, task_batches, stop_ids = evaluation.arithmetic_setup(
         hf_tok,
@@ -129,29 +132,8 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) ->
     except ValueError as e:
       raise UserError(f"--seq-len {d.seq_len}: {_one_line(e)}") from None
   else:
-    try:
-      records = data_lib.load_jsonl(d.source)
-    except (ValueError, OSError) as e:
-      raise UserError(f"--data {d.source}: {_one_line(e)}") from None
-    examples = [
-      data_lib.tokenize_example(hf_tok, r.prompt, r.response, eos_id=tok.eos_token_id)
-      for r in records
-    ]
-    if not d.truncate:
-      for i, (ids, _) in enumerate(examples):
-        if len(ids) - 1 > d.seq_len:
-          raise UserError(
-            f"--data {d.source}: record {i + 1} has {len(ids)} tokens, more than --seq-len "
-            f"{d.seq_len} + 1: raise --seq-len or pass --truncate to cut long examples."
-          )
-    held = max(1, min(cfg.eval.eval_examples, len(examples) // 10))
-    if len(examples) - held < 1:
-      raise UserError(
-        f"--data {d.source}: {len(examples)} example(s) is too few to hold out an evaluation set."
-      )
-    train_examples, eval_examples = examples[:-held], examples[-held:]
-    task_batches = evaluation.one_per_row(eval_examples, d.seq_len, d.batch_size, d.truncate)
-    stop_ids = evaluation.number_stop_ids(hf_tok, model_config.vocab_size)
+    mine = user_data.setup(loaded, cfg, tok, model_config.vocab_size)
+    train_examples, task_batches, stop_ids = mine.train_examples, mine.task_batches, mine.stop_ids
   old_text = evaluation.old_capability_batches(
     hf_tok, d.seq_len, cfg.eval.old_text_batches, d.batch_size, warn=warn
   )
@@ -162,7 +144,7 @@ def prepare(cfg: RunConfig, warn: Callable[[str], None] = _stderr, mesh=None) ->
     model,
     tok,
     train_examples,
-    evaluation.Evaluator(task_batches, stop_ids, old_text, cloze),
+    evaluation.Evaluator(task_batches, stop_ids, old_text, cloze, task_loss=loaded is not None),
     _prepared_key(_resolved(cfg)),
   )
 
@@ -231,10 +213,13 @@ def _resolved(cfg: RunConfig) -> RunConfig:
   data = cfg.data
   if data.source != "arithmetic":
     data = dataclasses.replace(data, source=absolute(data.source))
+  if data.chat_template not in (None, "none"):
+    data = dataclasses.replace(data, chat_template=absolute(data.chat_template))
   return dataclasses.replace(
     cfg,
     model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
     data=data,
+    eval=dataclasses.replace(cfg.eval, eval_data=absolute(cfg.eval.eval_data)),
     output=dataclasses.replace(
       cfg.output,
       output_dir=absolute(cfg.output.output_dir),

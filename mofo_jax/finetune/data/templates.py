@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import re
 import string
 from typing import Any, NamedTuple
 
@@ -19,13 +22,40 @@ class TokenizedExample(NamedTuple):
   loss_mask: np.ndarray  # int32 [L]
 
 
+# Private-use characters that bracket ``{% generation %}`` blocks in a rendering until their
+# offsets are read off; user text holding them is refused.
+_GEN_OPEN, _GEN_CLOSE = "\ue000", "\ue001"
+
+
+def _generation_extension():
+  """A Jinja extension for the ``{% generation %}...{% endgeneration %}`` blocks with which
+  Hugging Face chat templates mark the text the assistant writes."""
+  from jinja2 import nodes
+  from jinja2.ext import Extension
+
+  class GenerationBlocks(Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_bracket"), [], [], body).set_lineno(lineno)
+
+    def _bracket(self, caller):
+      return _GEN_OPEN + caller() + _GEN_CLOSE
+
+  return GenerationBlocks
+
+
 class JinjaChatTemplate:
   """A Hugging Face style Jinja chat template (needs the ``jinja2`` package).
 
   Rendered the way ``transformers`` renders chat templates: a sandboxed
-  environment with ``trim_blocks`` and ``lstrip_blocks``, the variables
-  ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and a
-  ``raise_exception`` helper.
+  environment with ``trim_blocks``, ``lstrip_blocks`` and loop controls, a
+  ``tojson`` that keeps non-ASCII text and HTML characters as they are, the
+  variables ``messages``, ``add_generation_prompt``, ``bos_token``,
+  ``eos_token``, the helpers ``raise_exception`` and ``strftime_now``, and the
+  ``{% generation %}`` blocks that mark assistant text.
   """
 
   def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
@@ -39,8 +69,10 @@ class JinjaChatTemplate:
 
     Raises:
       ImportError: if ``jinja2`` is not installed.
+      ValueError: if the template is not valid Jinja.
     """
     try:
+      import jinja2
       from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
       raise ImportError("Jinja chat templates need jinja2: pip install jinja2") from e
@@ -48,11 +80,71 @@ class JinjaChatTemplate:
     def raise_exception(message):
       raise ValueError(f"chat template error: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(value, indent=None, separators=None, sort_keys=False):
+      return json.dumps(
+        value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+      )
+
+    env = ImmutableSandboxedEnvironment(
+      trim_blocks=True,
+      lstrip_blocks=True,
+      extensions=["jinja2.ext.loopcontrols", _generation_extension()],
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    self._template = env.from_string(source)
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+      self._template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+      raise ValueError(f"chat template line {e.lineno}: {e.message}") from None
+    self._jinja = jinja2
     self._bos_token = bos_token
     self._eos_token = eos_token
+
+  def render_marked(
+    self, messages: list[dict[str, Any]], add_generation_prompt: bool
+  ) -> tuple[str, list[tuple[int, int]]]:
+    """Renders a conversation and finds the template's ``{% generation %}`` blocks.
+
+    Args:
+      messages: ``[{"role": ..., "content": ...}, ...]``; other keys (``tool_calls``,
+        ``name``) reach the template as they are.
+      add_generation_prompt: whether to end with the assistant header.
+
+    Returns:
+      ``(text, spans)``: the rendering and the ``[start, end)`` character spans of its
+      generation blocks, in order (empty for a template without them).
+
+    Raises:
+      ValueError: the template raised, or the text holds the private-use characters
+        U+E000/U+E001 that delimit the blocks while rendering.
+    """
+    try:
+      raw = self._template.render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=self._bos_token,
+        eos_token=self._eos_token,
+      )
+    # What a template raises on data it cannot render (an undefined or mistyped field).
+    except (self._jinja.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
+      raise ValueError(f"chat template error: {type(e).__name__}: {e}") from None
+    text, spans, start = [], [], None
+    at = 0
+    for piece in re.split(f"([{_GEN_OPEN}{_GEN_CLOSE}])", raw):
+      if piece == _GEN_OPEN:
+        if start is not None:
+          raise ValueError("text holds U+E000/U+E001, which cannot be told from the template's")
+        start = at
+      elif piece == _GEN_CLOSE:
+        if start is None:
+          raise ValueError("text holds U+E000/U+E001, which cannot be told from the template's")
+        spans.append((start, at))
+        start = None
+      else:
+        text.append(piece)
+        at += len(piece)
+    return "".join(text), spans
 
   def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     """Renders a conversation.
@@ -64,12 +156,7 @@ class JinjaChatTemplate:
     Returns:
       The rendered text.
     """
-    return self._template.render(
-      messages=messages,
-      add_generation_prompt=add_generation_prompt,
-      bos_token=self._bos_token,
-      eos_token=self._eos_token,
-    )
+    return self.render_marked(messages, add_generation_prompt)[0]
 
   def split(self, prompt: str, response: str) -> tuple[str, str]:
     """Renders a one-turn chat and splits it where the assistant's reply starts.
