@@ -81,8 +81,19 @@ def gcs_bucket(tmp_path_factory):
 @pytest.fixture
 def gcs_dir(gcs_bucket, request):
   """A fresh ``gs://`` directory for one test on the session's emulator."""
+  import re
   import uuid
 
   from etils import epath
 
-  return epath.Path(f"{gcs_bucket}/{request.node.name}-{uuid.uuid4().hex[:8]}")
+  # No brackets from parametrized names: fsspec reads them as glob patterns.
+  name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+  return epath.Path(f"{gcs_bucket}/{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["local", "gcs"])
+def run_dir(request, tmp_path):
+  """A fresh run directory: a local one, then one on the GCS emulator (``gs://``)."""
+  if request.param == "local":
+    return tmp_path
+  return request.getfixturevalue("gcs_dir")
