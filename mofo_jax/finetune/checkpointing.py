@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
+
+from mofo_jax.finetune import storage
 
 # Files of a run kept beside its orbax steps.
 RUN_CONFIG = "run_config.json"
@@ -28,8 +29,11 @@ class RunCheckpoints:
   unreadable step is renamed ``<step>.corrupt`` so that later saves of that step number succeed
   and nothing is deleted.
 
+  The directory may be local or a ``gs://`` URL (through ``etils.epath``); on GCS orbax marks a
+  finished step with a commit file instead of a rename, and a step without it is not listed.
+
   Args:
-    directory: where the steps go (created if missing).
+    directory: where the steps go (created if missing): a local path or a ``gs://`` URL.
     keep: how many steps orbax keeps (older ones are deleted as new ones are saved).
 
   Example:
@@ -44,7 +48,7 @@ class RunCheckpoints:
   def __init__(self, directory: str | os.PathLike, keep: int = 2):
     import orbax.checkpoint as ocp
 
-    self.directory = Path(directory).absolute()
+    self.directory = storage.as_path(directory)
     self._keep = keep
     self._manager = ocp.CheckpointManager(
       self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -99,7 +103,7 @@ class RunCheckpoints:
       # them mismatching this run): move those aside, deleting nothing.
       for bad, reason in failures:
         aside = self.directory / f"{bad}.corrupt"
-        os.rename(self.directory / str(bad), aside)
+        (self.directory / str(bad)).rename(aside)
         warn(
           f"warning: checkpoint step {bad} in {self.directory} is unreadable ({reason}); "
           f"moved it to {aside.name} and resumed from step {step}"
@@ -135,11 +139,7 @@ class RunCheckpoints:
     self._manager.close()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON to ``path`` through a temporary file and a rename."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n")
-  os.replace(tmp, path)
+write_json_atomic = storage.write_json_atomic
 
 
 def is_step_dir(name: str) -> bool:

