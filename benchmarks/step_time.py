@@ -7,7 +7,7 @@ Runs unchanged on CPU, GPU and TPU.
 
   python benchmarks/step_time.py --preset small --steps 7 --out small.json
   python benchmarks/step_time.py --preset 1b --compile-only          # abstract shapes, no weights
-  /work/tpuvenv/bin/python benchmarks/step_time.py --tpu-topology v6e:1x1   # needs libtpu
+  .venv-tpu/bin/python benchmarks/step_time.py --tpu-topology v6e:1x1   # the tpu-plan extra's venv
 
 ``--compile-only`` lowers and compiles the step on ``jax.ShapeDtypeStruct`` s (nothing is
 allocated) and reports the compile time and compiled temporary bytes of each mode.
