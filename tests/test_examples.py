@@ -91,6 +91,7 @@ def test_demo_table_of_one_seed_has_no_spread_and_of_three_the_sample_sd():
   assert "| seeds forgetting less pydoc than AdamW | - | - | 2 of 3 |" in text
 
 
+@pytest.mark.slow
 def test_ablations_sweep_writes_frontier(tiny_checkpoint, tmp_path):
   import ablations
 
@@ -145,6 +146,7 @@ def test_colab_notebook_runs_top_to_bottom(tiny_checkpoint, tmp_path, monkeypatc
   assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+@pytest.mark.slow
 def test_long_runs_train_resume_skip_and_report(tiny_checkpoint, tmp_path, capsys):
   import long_runs
 
