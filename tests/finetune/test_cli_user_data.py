@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mofo_jax.finetune import cli
+from tests.finetune.test_cli import user_error
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 RUN = ["--steps", "2", "--seq-len", "64", "--batch-size", "4", "--no-progress", "--mesh", "data=1"]
@@ -46,15 +47,6 @@ ROWS = {
 def write_jsonl(path, rows):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path
-
-
-def user_error(argv, capsys) -> str:
-  code = cli.main(argv)
-  err = capsys.readouterr().err
-  lines = [x for x in err.splitlines() if x.strip()]
-  assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("mofo-finetune: error: "), err
-  return lines[0]
 
 
 def evals(out):
