@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ def upload_dir(local: str | os.PathLike, target: str | os.PathLike, last: str) -
       if old.name not in names:
         old.rmtree() if old.is_dir() else old.unlink()
   for name in [n for n in names if n != last] + [last]:
-    (target / name).write_bytes((local / name).read_bytes())
+    # Streamed: an 8B model's safetensors file does not fit in host memory twice.
+    with (local / name).open("rb") as src, (target / name).open("wb") as dst:
+      shutil.copyfileobj(src, dst, 64 << 20)
 
 
 class LineLog:
