@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
-from mofo_jax.finetune import checkpointing, optimizers, storage
+from mofo_jax.finetune import checkpointing, optimizers, preemption, storage
 from mofo_jax.finetune.step import make_train_step
 
 Batch = Mapping[str, np.ndarray]
@@ -301,7 +301,7 @@ def run(
   tensorboard_dir: str | None = None,
   warn: Callable[[str], None] = print,
 ) -> list[dict[str, float]]:
-  """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C saves.
+  """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C and SIGTERM save.
 
   With ``resume`` the newest readable checkpoint in ``cfg.checkpoint_dir`` is restored (an
   unreadable newer step is moved aside with a warning), the batches already consumed are
@@ -311,6 +311,9 @@ def run(
 
   A NaN or Inf loss, gradient norm or parameter stops the run with ``TrainingDiverged`` and
   saves nothing: the last checkpoint on disk is the last good state.
+
+  On SIGTERM (a preempted VM) every process stops after one step they agree on (see
+  :mod:`~mofo_jax.finetune.preemption`), saves it, and ``Preempted`` is raised.
 
   Args:
     trainer: the trainer (its state is advanced in place).
@@ -328,6 +331,7 @@ def run(
   Raises:
     TrainingDiverged: a non-finite loss, gradient norm or parameter.
     KeyboardInterrupt: on Ctrl-C, after saving the last finished step.
+    mofo_jax.finetune.preemption.Preempted: on SIGTERM, after saving the agreed step.
   """
   ckpt = (
     checkpointing.RunCheckpoints(cfg.checkpoint_dir, cfg.keep_checkpoints)
@@ -381,7 +385,8 @@ def run(
     ckpt.save(trainer.state.step, trainer.checkpoint_state())
 
   bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
-  interrupted = diverged = False
+  interrupted = diverged = preempted = False
+  watch = preemption.PreemptionWatch().start()
   try:
     if cfg.eval_at_start and trainer.state.step == 0 and not records:
       do_eval()
@@ -411,7 +416,10 @@ def run(
         do_eval()
       if ckpt and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
         save()
-    if not (records and records[-1]["step"] == trainer.state.step):
+      if watch.reached(step):
+        preempted = True
+        break
+    if not preempted and not (records and records[-1]["step"] == trainer.state.step):
       do_eval()
   except KeyboardInterrupt:
     interrupted = True
@@ -419,6 +427,7 @@ def run(
     diverged = True
     raise
   finally:
+    watch.stop()
     bar.close()
     if ckpt is not None:
       # On Ctrl-C too: everything up to the last finished step is kept; never a diverged state.
@@ -437,6 +446,11 @@ def run(
         "the last good checkpoint is "
         + (f"step {last} in {cfg.checkpoint_dir}" if last is not None else "none (none was saved)")
       )
+  if preempted:
+    raise preemption.Preempted(
+      f"SIGTERM: stopped at step {trainer.state.step}"
+      + ("; checkpoint saved" if ckpt else "; nothing saved (no checkpoint directory)")
+    )
   if interrupted:
     raise KeyboardInterrupt(
       f"stopped at step {trainer.state.step}; checkpoint saved"
