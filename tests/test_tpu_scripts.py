@@ -1,6 +1,7 @@
 """Tests of tpu_scripts/: the gcloud commands each script prints or runs."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ BASH = shutil.which("bash")
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
-def run_script(name, *args, env=None, path=None, check=True, timeout=30):
+def run_script(name, *args, env=None, path=None, check=True, timeout=30, cwd=None):
   """Runs a script with a clean environment (no TPU_* variables leak in)."""
   base = {"PATH": path or os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
   proc = subprocess.run(
@@ -25,6 +26,7 @@ def run_script(name, *args, env=None, path=None, check=True, timeout=30):
     capture_output=True,
     text=True,
     timeout=timeout,
+    cwd=cwd,
   )
   if check:
     assert proc.returncode == 0, proc.stderr
@@ -474,6 +476,7 @@ def test_until_done_stops_on_other_failures(tmp_path, exits, state, message):
   assert [a[3] for a in logged(tmp_path)].count("create") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed")
 def test_until_done_commands_pass_the_real_gcloud_argument_parser(tmp_path):
   """The relaunch loop's commands (describe, delete, create, install, launch) stop at auth."""
@@ -508,4 +511,70 @@ def test_launch_prepare_runs_first_and_must_succeed(tmp_path, prepare, runs):
     timeout=10,
   )
   assert (proc.returncode == 0) == runs and ("ran with --distributed -x" in proc.stdout) == runs
-  assert (tmp_path / "runs" / "prepared").exists() == runs
+  assert (tmp_path / "prepared").exists() == runs  # in the home directory, before --workdir
+
+
+def walkthrough():
+  """The commands of tpu_scripts/README.md's Spot walkthrough as argv lists."""
+  text = (SCRIPTS / "README.md").read_text()
+  section = text.split("## A whole run on a Spot slice")[1].split("\n## ")[0]
+  lines = "".join(re.findall(r"```bash\n(.*?)```", section, re.S)).replace("\\\n", " ")
+  return [shlex.split(x) for x in lines.splitlines() if x.strip() and not x.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed")
+def test_spot_walkthrough_commands_pass_the_real_parsers(tmp_path):
+  """Each walkthrough command, and the --prepare command a worker runs, stops at gcloud's auth;
+  the plan and the launched mofo-finetune flags pass mofo-finetune's own parsers."""
+  from mofo_jax.finetune.cli import build_parser
+  from mofo_jax.finetune.plan.command import build_parser as plan_parser
+
+  commands = walkthrough()
+  assert [c[0] for c in commands] == [
+    "export", "mofo-finetune", "gcloud", "gcloud", "gcloud", "tpu_scripts/create.sh",
+    "tpu_scripts/install.sh", "tpu_scripts/launch.sh", "gcloud", "tpu_scripts/fetch.sh",
+    "tpu_scripts/delete.sh", "gcloud",
+  ]  # fmt: skip
+  config = tmp_path / "gcloud_config"
+  config.mkdir()
+  path, env = scripted_gcloud(tmp_path, [0], real=GCLOUD)
+  env |= {"CLOUDSDK_CONFIG": str(config), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+  work = tmp_path / "work"  # the user's directory: the model and data to upload
+  (work / "Llama-3.1-8B").mkdir(parents=True)
+  (work / "Llama-3.1-8B" / "config.json").write_text("{}")
+  (work / "train.jsonl").write_text("{}\n")
+  for argv in commands:
+    if argv[0] == "export":
+      env |= dict(word.split("=", 1) for word in argv[1:])
+    elif argv[0] == "mofo-finetune":
+      plan_parser().parse_args(argv[2:])
+    elif argv[0] == "gcloud":
+      subprocess.run(argv, env={**os.environ, **env, "PATH": path}, cwd=work, check=True)
+    else:
+      run_script(argv[0].split("/")[1], *argv[1:], env=env, path=path, timeout=300, cwd=work)
+  # On a worker: --prepare (with the worker's gcloud), then the program with its flags.
+  [launch] = [a for a in commands if a[0].endswith("launch.sh")]
+  [ssh] = dry_run("launch.sh", *launch[1:], env=env)
+  home = tmp_path / "home"
+  stub = home / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text(
+    f"#!{sys.executable}\nimport sys\nfrom mofo_jax.finetune.cli import build_parser\n"
+    "build_parser().parse_args(sys.argv[1:])\nopen('launched', 'w').write(' '.join(sys.argv[1:]))\n"
+  )
+  stub.chmod(0o755)
+  subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    env={**env, "HOME": str(home), "PATH": f"{path}", "PYTHONPATH": str(SCRIPTS.parent)},
+    cwd=home,
+    check=True,
+    timeout=120,
+  )
+  assert (home / "mofo" / "launched").read_text().startswith("--distributed --model Llama-3.1-8B")
+  build_parser().parse_args(launch[launch.index("--") + 1 :])
+  text = (tmp_path / "gcloud.out").read_text()
+  ran = len(logged(tmp_path))
+  assert text.count("== exit ") == ran and text.count(AUTH) == ran, text
+  for bad in ("unrecognized arguments", "argument ", "Invalid value", "invalid choice"):
+    assert bad not in text, text

@@ -15,9 +15,10 @@ passed to mofo-finetune unchanged.
   --detach              keep running after this command returns; output goes to
                         the --log file on each worker
   --log FILE            log file for --detach (default: mofo-finetune.log)
-  --prepare CMD         a shell command each worker runs first (in --workdir),
-                        e.g. copying the model from Cloud Storage when it is not
-                        there yet; the run starts only if it succeeds
+  --prepare CMD         a shell command each worker runs first, in a subshell in
+                        the home directory (before --workdir), e.g. copying the
+                        model from Cloud Storage when it is not there yet; the
+                        run starts only if it succeeds
   --until-done          run in the foreground and relaunch with --resume until
                         the run finishes: after mofo-finetune exits with status
                         75 (SIGTERM: every process saved the same step), and
@@ -57,15 +58,15 @@ remote_command() {
   # pip --user puts the entry point in ~/.local/bin, which non-login ssh
   # sessions may not have on PATH.
   remote="export PATH=\"\$HOME/.local/bin:\$PATH\""
+  if [ -n "$PREPARE" ]; then
+    # The user's own shell command, as written; a subshell, so that its cd or exit stays there.
+    remote="$remote; ( $PREPARE ) || exit 1"
+  fi
   # ssh starts in the home directory; a leading ~/ (quoted, so not expanded
   # here) means the same.
   if [ -n "$WORKDIR" ]; then
     # A failed cd stops the worker here instead of running the program in the home directory.
     remote="$remote; cd $(quote "${WORKDIR#\~/}") || exit 1"
-  fi
-  if [ -n "$PREPARE" ]; then
-    # The user's own shell command, as written; grouped so that its failure stops the worker.
-    remote="$remote; { $PREPARE; } || exit 1"
   fi
   if [ "$DETACH" = 1 ]; then
     remote="$remote; nohup $program > $(quote "$LOG_FILE") 2>&1 < /dev/null &"
