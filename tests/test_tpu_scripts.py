@@ -532,10 +532,19 @@ def test_spot_walkthrough_commands_pass_the_real_parsers(tmp_path):
 
   commands = walkthrough()
   assert [c[0] for c in commands] == [
-    "export", "mofo-finetune", "gcloud", "gcloud", "gcloud", "tpu_scripts/create.sh",
-    "tpu_scripts/install.sh", "tpu_scripts/launch.sh", "gcloud", "tpu_scripts/fetch.sh",
-    "tpu_scripts/delete.sh", "gcloud",
-  ]  # fmt: skip
+    "export",
+    "mofo-finetune",
+    "gcloud",
+    "gcloud",
+    "gcloud",
+    "tpu_scripts/create.sh",
+    "tpu_scripts/install.sh",
+    "tpu_scripts/launch.sh",
+    "gcloud",
+    "tpu_scripts/fetch.sh",
+    "tpu_scripts/delete.sh",
+    "gcloud",
+  ]
   config = tmp_path / "gcloud_config"
   config.mkdir()
   path, env = scripted_gcloud(tmp_path, [0], real=GCLOUD)

@@ -187,4 +187,6 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
     marker.unlink(missing_ok=True)
     if made:
       directory.rmdir()
+  # Nobody looks at the directory again (is it empty?) before the marker is gone.
+  multihost_utils.sync_global_devices("mofo_jax shared directory: marker removed")
   return [int(i) for i in np.flatnonzero(~np.asarray(seen))]

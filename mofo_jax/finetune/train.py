@@ -452,11 +452,14 @@ class _Loop:
     cfg, trainer = self.cfg, self.trainer
     if cfg.eval_at_start and trainer.state.step == 0 and not self.records:
       self.evaluate()
-    while trainer.state.step < cfg.steps:
+    # Asked before the first step too: JAX's sync point is one past the step a process last
+    # reported, so a notice during the first step must find this run's step, not 0.
+    self.preempted = self.watch.reached(trainer.state.step)
+    while not self.preempted and trainer.state.step < cfg.steps:
       self.step()
-      if self.watch.reached(trainer.state.step):
-        self.preempted = True
-        return
+      self.preempted = self.watch.reached(trainer.state.step)
+    if self.preempted:
+      return
     if not (self.records and self.records[-1]["step"] == trainer.state.step):
       self.evaluate()
 

@@ -111,22 +111,40 @@ def test_two_process_checkpoint_on_gcs_resumes_on_one_process_and_another_mesh(
   # One process, 4 devices, another mesh: the step it restores is bit for bit the one saved
   # (the model it writes without training further equals the model the 2 processes wrote).
   other = ["--mesh", "data=2,fsdp=2", "--checkpoint-dir", ckpt, "--resume"]
-  read = _run_worker("none", 0, common + ["--steps", "2", *other, "--output-dir", str(gcs_dir / "read")],
-              cache, devices=4)  # fmt: skip
+  read = _run_worker(
+    "none",
+    0,
+    common + ["--steps", "2", *other, "--output-dir", str(gcs_dir / "read")],
+    cache,
+    devices=4,
+  )
   assert read.returncode == 0, read.stderr[-2000:]
   want = load((gcs_dir / "out" / "model" / "model.safetensors").read_bytes())
   got = load((gcs_dir / "read" / "model" / "model.safetensors").read_bytes())
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # ... and it continues the run to the end like a run made on that mesh from the start.
-  more = _run_worker("none", 0, common + ["--steps", "4", *other, "--output-dir", str(gcs_dir / "out")],
-              cache, devices=4)  # fmt: skip
+  more = _run_worker(
+    "none",
+    0,
+    common + ["--steps", "4", *other, "--output-dir", str(gcs_dir / "out")],
+    cache,
+    devices=4,
+  )
   assert more.returncode == 0, more.stderr[-2000:]
-  ref = _run_worker("none", 0, common + ["--steps", "4", "--mesh", "data=2,fsdp=2", "--output-dir",
-             str(tmp_path / "ref")], cache, devices=4)  # fmt: skip
+  ref = _run_worker(
+    "none",
+    0,
+    common + ["--steps", "4", "--mesh", "data=2,fsdp=2", "--output-dir", str(tmp_path / "ref")],
+    cache,
+    devices=4,
+  )
   assert ref.returncode == 0, ref.stderr[-2000:]
-  trained = [r["step"] for r in map(json.loads, storage.read_lines(gcs_dir / "out" / "metrics.jsonl"))
-             if r["kind"] == "train"]  # fmt: skip
+  trained = [
+    r["step"]
+    for r in map(json.loads, storage.read_lines(gcs_dir / "out" / "metrics.jsonl"))
+    if r["kind"] == "train"
+  ]
   assert trained == [1, 2, 3, 4]
   got, want = _summary(gcs_dir / "out")["after"], _summary(tmp_path / "ref")["after"]
   assert got["step"] == want["step"] == 4
@@ -141,9 +159,13 @@ def test_a_checkpoint_dir_the_processes_do_not_share_is_refused(tiny_checkpoint,
   for h in hosts:
     h.mkdir()
   procs = _run_processes(
-    ["none", "none"], 0, _args(tiny_checkpoint) + ["--mesh", "data=-1", "--checkpoint-dir", "ckpt"],
-    tmp_path / "jax_cache", tmp_path / "logs", cwds=hosts,
-  )  # fmt: skip
+    ["none", "none"],
+    0,
+    _args(tiny_checkpoint) + ["--mesh", "data=-1", "--checkpoint-dir", "ckpt"],
+    tmp_path / "jax_cache",
+    tmp_path / "logs",
+    cwds=hosts,
+  )
   for p in procs:
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr

@@ -49,9 +49,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny_checkpoint,
   steps = ["--mesh", "data=-1", "--steps", "10"]
   ref_dir = tmp_path / "ref"
   ref = _run_processes(
-    ["none", "none"], 0, _args(tiny_checkpoint) + steps + ["--output-dir", str(ref_dir)], cache,
+    ["none", "none"],
+    0,
+    _args(tiny_checkpoint) + steps + ["--output-dir", str(ref_dir)],
+    cache,
     tmp_path / "logs-ref",
-  )  # fmt: skip
+  )
   assert [p.returncode for p in ref] == [0, 0], ref[0].stderr[-2000:] + ref[1].stderr[-2000:]
   out, ckpt = tmp_path / "out", tmp_path / "ckpt"
   run = _args(tiny_checkpoint) + steps + ["--output-dir", str(out), "--checkpoint-dir", str(ckpt)]
