@@ -190,3 +190,8 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
   # Nobody looks at the directory again (is it empty?) before the marker is gone.
   multihost_utils.sync_global_devices("mofo_jax shared directory: marker removed")
   return [int(i) for i in np.flatnonzero(~np.asarray(seen))]
+
+
+def is_step_dir(name: str) -> bool:
+  """Whether a directory entry is (or was) an orbax step of a run."""
+  return name.split(".")[0].isdigit()
