@@ -20,7 +20,8 @@ passed to mofo-finetune unchanged.
                         model from Cloud Storage when it is not there yet; the
                         run starts only if it succeeds
   --until-done          run in the foreground and relaunch with --resume until
-                        the run finishes: after mofo-finetune exits with status
+                        the run finishes (any other failure ends this script
+                        with the run's exit status): after mofo-finetune exits with status
                         75 (SIGTERM: every process saved the same step), and
                         after the slice itself was preempted (its state
                         PREEMPTED or TERMINATED: it is deleted, created again
@@ -50,6 +51,12 @@ fi
 
 # What mofo-finetune exits with after saving the step all processes agreed on after a SIGTERM.
 EXIT_PREEMPTED=75
+
+# Stops the loop with the run's own exit status, saying why.
+stop() {
+  printf '%s: %s\n' "${0##*/}" "$2" >&2
+  exit "$1"
+}
 
 # Prints the remote shell command that runs mofo-finetune --distributed with the words given.
 remote_command() {
@@ -103,15 +110,15 @@ while :; do
     # The slice may be gone (a preempted Spot slice): then make it again, like it was.
     slice="$(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" \
       '--format=value(state,acceleratorType,runtimeVersion,schedulingConfig.spot)')" ||
-      die "mofo-finetune ended with status $status and the slice cannot be described; stopping"
+      stop "$status" "mofo-finetune ended with status $status and the slice cannot be described; stopping"
     read -r state accelerator runtime spot <<<"$slice"
     case "$state" in
       PREEMPTED | TERMINATED) ;;
-      *) die "mofo-finetune ended with status $status on a slice in state ${state:-unknown}: not a preemption; stopping" ;;
+      *) stop "$status" "mofo-finetune ended with status $status on a slice in state ${state:-unknown}: not a preemption; stopping" ;;
     esac
   fi
   if [ "$relaunches" -ge "$MAX_RELAUNCHES" ]; then
-    die "stopping after $relaunches relaunches (--max-relaunches)"
+    stop "$status" "stopping after $relaunches relaunches (--max-relaunches)"
   fi
   relaunches=$((relaunches + 1))
   if [ "$status" != "$EXIT_PREEMPTED" ]; then
