@@ -399,9 +399,11 @@ def run(
 
   started = time.perf_counter()
   cfg = _resolved(cfg)
-  if cfg.output.checkpoint_dir:
-    # First: on per-host disks each process would judge its own directory differently.
-    _require_shared(cfg.output.checkpoint_dir)
+  ckpt = cfg.output.checkpoint_dir
+  # Before check_outputs: on per-host disks each process would judge its own directory
+  # differently. Not in the input model, which check_outputs refuses without writing there.
+  if ckpt and not (cfg.model.path and storage.overlap(ckpt, cfg.model.path)):
+    _require_shared(ckpt)
   cfg = check_outputs(cfg)
   lead = jax.process_index() == 0  # the process that writes files and prints
   d = cfg.data
