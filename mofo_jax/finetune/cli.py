@@ -231,8 +231,9 @@ def _add_output_flags(g) -> None:
   g.add_argument(
     "--checkpoint-dir",
     default=None,
-    help="orbax checkpoints and run_config.json go here; must be empty or new unless --resume "
-    "or --overwrite",
+    help="orbax checkpoints and run_config.json go here (a local path or gs://BUCKET/PATH; a "
+    "multi-host run needs one every host sees); must be empty or new unless --resume or "
+    "--overwrite",
   )
   g.add_argument(
     "--checkpoint-every",
