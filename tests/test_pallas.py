@@ -92,10 +92,34 @@ def test_ties_and_nan_are_kept():
   assert int(out[2][0].sum()) == 16 * 128  # NaNs first, then every tied 0.9
 
 
+def test_same_views_share_kernels():
+  f32 = (jnp.float32,) * 3
+  bf16 = (jnp.bfloat16,) * 3
+  shapes = [(64, 256), (4, 16, 256), (64, 256), (64, 256), (8,), (64, 256)]
+  specs = [mofo_jax.BlockSpec(), LAYERS] + [mofo_jax.BlockSpec()] * 4
+  dtypes = [f32, f32, f32, bf16, f32, f32]
+  tilings = [ps.tiling(s, sp, d, 1 << 14) for s, sp, d in zip(shapes, specs, dtypes)]
+  groups = ps.groups(shapes, specs, dtypes, tilings, 1 << 14)
+  got = [(idx, t.tile_rows * t.tile_cols) for t, idx in groups]
+  # Three float32 (64, 256) leaves share a call, their tiles a third of one leaf's at most.
+  assert got == [([0, 2, 5], 4096), ([1], 4096), ([3], 16384)]
+
+
 def test_optimizer_steps_equal_exact():
-  """Whole MoFO steps: the kernel leaves, the fallback leaves and the state all equal."""
-  params = {"w": jnp.zeros((32, 128)), "s": jnp.zeros((2, 8, 128)), "b": jnp.zeros(8)}
-  part = {"w": mofo_jax.BlockSpec(), "s": LAYERS, "b": mofo_jax.BlockSpec()}
+  """Whole MoFO steps: the kernel leaves (two of them sharing kernels), the fallback leaves and
+  the state all equal."""
+  params = {
+    "w": jnp.zeros((32, 128)),
+    "w2": jnp.zeros((32, 128)),
+    "s": jnp.zeros((2, 8, 128)),
+    "b": jnp.zeros(8),
+  }
+  part = {
+    "w": mofo_jax.BlockSpec(),
+    "w2": mofo_jax.BlockSpec(),
+    "s": LAYERS,
+    "b": mofo_jax.BlockSpec(),
+  }
   runs = []
   for sel in (KERNEL, XLA):
     opt = optax.chain(mofo_jax.scale_by_mofo(0.1, partition=part, selection=sel))
