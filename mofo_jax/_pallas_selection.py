@@ -6,7 +6,8 @@ new m and v, and in the same pass counts, per block, the entries whose key (the 
 an integer, see :func:`mofo_jax._selection.score_keys`) reach each of a few candidates: the 16
 values of the key's top 4 bits and both ends of a bracket around the last step's threshold.
 Narrow counting kernels then re-read only the new m, 4 bits of the threshold per pass: 5 passes
-when every block's threshold stayed in its bracket of ``2**20`` keys, else 7. The threshold is
+when every block's threshold stayed in its bracket of ``2**20`` keys, else 7 (a loop around one
+counting kernel in each branch). The threshold is
 the k-th largest key of each block however it is searched, and the counts are of the same keys,
 so thresholds, counts and masks equal the XLA path's bit for bit; the mask is compared by XLA
 on the kernel's m buffer and fused into the masked update there (with the direction and, in a
@@ -51,9 +52,10 @@ BRACKET_BITS = 20  # as ExactSelection's default: +-3% to +-6% of the last thres
 TILE_ENTRIES = 1 << 18
 _LANES = 128
 _SUBLANES = 8
-# Leaves per kernel call: their tiles share TILE_ENTRIES, and 32 leaves leave tiles of 8192
-# float32 entries, still whole (8, 1024) vregs rows.
-MAX_GROUP = 32
+# Leaves per kernel call: their tiles share TILE_ENTRIES (16 leaves: 16384 float32 entries, 64
+# KiB, a tile each). Compiled for v6e, a group of 16 (2048, 2048) leaves took 2.9 s, of 32 6.6 s
+# and of 8 2.5 s: 16 is the cheapest per leaf.
+MAX_GROUP = 16
 _SIGN = np.uint32(1 << 31)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -145,16 +147,21 @@ def _count_into(keys, cands_ref, leaf: int, t: Tiling, num_cands: int, out_ref):
   block = lax.div(pl.program_id(0), jnp.int32(t.block_rows // t.tile_rows))
   first = (leaf * t.num_blocks + block) * num_cands
   lane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, _LANES), 1)
-  acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
-  for j in range(num_cands):
+
+  # A loop, not unrolled: the kernel's code (and its trace, lowering and Mosaic compile) stays
+  # one candidate's size per leaf.
+  def count(j, acc):
     hits = (keys >= cands_ref[first + j]).astype(jnp.float32)
     total = jnp.sum(jnp.sum(hits, axis=0, keepdims=True), axis=1, keepdims=True)
-    acc = jnp.where(lane == j, total, acc)
+    return jnp.where(lane == j, total, acc)
+
+  acc = lax.fori_loop(0, num_cands, count, jnp.zeros((_SUBLANES, _LANES), jnp.float32))
   out_ref[leaf] = acc.astype(jnp.int32)
 
 
 def _grid_spec(t: Tiling, group: int, num_inputs: int, num_outputs: int):
-  """``num_inputs`` then ``num_outputs`` tiled operands per leaf of the group, and the counts."""
+  """``num_inputs`` then ``num_outputs`` tiled operands per leaf of the group, and the counts:
+  every grid step takes the same tile of every leaf."""
   tile = pl.BlockSpec((t.tile_rows, t.tile_cols), lambda i, j, c: (i, j))
   counts = pl.BlockSpec((group, _SUBLANES, _LANES), lambda i, j, c: (0, i, j))
   return pltpu.PrefetchScalarGridSpec(
@@ -209,7 +216,7 @@ def fused_moments(
     grid_spec=_grid_spec(t, n, 3, 2),
     # The new moments overwrite the old ones (operands count the prefetched candidates): with
     # the state donated, no copy of them is allocated.
-    input_output_aliases={**{1 + n + i: i for i in range(2 * n)}},
+    input_output_aliases={1 + n + i: i for i in range(2 * n)},
     compiler_params=_params(),
     interpret=interpret,
     name="mofo_adam_moments_count",
@@ -266,7 +273,7 @@ def _digit(counts: _counts.Count, k: _counts.Count) -> tuple[jax.Array, _counts.
   return digit, at
 
 
-def _candidates(base: jax.Array, shift: int, bits: int) -> jax.Array:
+def _candidates(base: jax.Array, shift, bits: int) -> jax.Array:
   """``[num_blocks, 2**bits - 1]`` uint32: ``base + d << shift`` for every non-zero digit d."""
   digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32) << shift
   return base[:, None] + digits
@@ -279,21 +286,30 @@ def _resolve(prefix, count, cands_counts, k, shift):
   return prefix + (digit << shift), count
 
 
-def _search(ms, t: Tiling, k, base, count, digits, interpret):
-  """Fixes the digits ``(shift, bits)`` of the k-th largest key at or above ``base`` (whose
-  count is ``count``) of every block of the group ``ms``, one counting kernel per digit."""
-  prefix = base
-  for shift, bits in digits:
-    cands = _candidates(prefix, shift, bits)
+def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret):
+  """Fixes the bits below ``top_shift + RADIX_BITS`` of the k-th largest key at or above
+  ``base`` (whose count is ``count``) of every block of the group ``ms``: a loop of counting
+  kernels, ``RADIX_BITS`` bits a trip from ``top_shift`` down, the last trip at shift 0 (where
+  fewer bits remain, the candidates above the known prefix keep fewer than k, so the digit is
+  the same). One kernel in the program, however many trips."""
+  trips = -(-top_shift // RADIX_BITS) + 1
+
+  def trip(i, carry):
+    prefix, count = carry
+    shift = jnp.uint32(top_shift) - jnp.minimum(
+      jnp.uint32(RADIX_BITS) * i.astype(jnp.uint32), jnp.uint32(top_shift)
+    )
+    cands = _candidates(prefix, shift, RADIX_BITS)
     tiles = count_keys(ms, _signed(cands).reshape(-1), t, interpret=interpret)
-    prefix, count = _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
-  return prefix, count
+    return _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
+
+  return lax.fori_loop(0, trips, trip, (base, count))
 
 
-# (shift, bits) of the digits after the fused pass: it fixes bits 30-27 of the key, these the
-# other 27 (the last digit is 3 bits); in a bracket, the 20 bits above its lower end.
-_FULL_DIGITS = tuple((s, RADIX_BITS) for s in range(23, 0, -RADIX_BITS)) + ((0, 3),)
-_BRACKET_DIGITS = tuple((s, RADIX_BITS) for s in range(BRACKET_BITS - RADIX_BITS, -1, -RADIX_BITS))
+# The digits after the fused pass: it fixes bits 30-27 of the key, the loop the other 27 from
+# shift 23 (7 trips); in a bracket, the 20 bits above its lower end from shift 16 (5 trips).
+_FULL_SHIFT = KEY_BITS - 2 * RADIX_BITS
+_BRACKET_SHIFT = BRACKET_BITS - RADIX_BITS
 
 
 def select_group(
@@ -347,7 +363,7 @@ def select_group(
   prefix, count = _resolve(zeros, all_count, top_counts, k, KEY_BITS - RADIX_BITS)
 
   def full():
-    return _search(ms, t, k, prefix, count, _FULL_DIGITS, interpret)
+    return _search(ms, t, k, prefix, count, _FULL_SHIFT, interpret)
 
   if previous is None:
     prefix, count = full()
@@ -357,7 +373,7 @@ def select_group(
     inside = _counts.greater_equal(at_low, k) & ~_counts.greater_equal(at_high, k)
     prefix, count = lax.cond(
       jnp.all(inside),
-      lambda: _search(ms, t, k, lows, at_low, _BRACKET_DIGITS, interpret),
+      lambda: _search(ms, t, k, lows, at_low, _BRACKET_SHIFT, interpret),
       full,
     )
   return ms, vs, _selection.keys_to_threshold(prefix), count
