@@ -119,18 +119,20 @@ def test_same_views_share_kernels():
 
 
 def test_optimizer_steps_equal_exact():
-  """Whole MoFO steps: the kernel leaves (two of them sharing kernels), the fallback leaves and
-  the state all equal."""
+  """Whole MoFO steps: the kernel leaves (pairs sharing kernels, of one block each and of one
+  per layer), the fallback leaves and the state all equal."""
   params = {
     "w": jnp.zeros((32, 128)),
     "w2": jnp.zeros((32, 128)),
     "s": jnp.zeros((2, 8, 128)),
+    "s2": jnp.zeros((2, 8, 128)),
     "b": jnp.zeros(8),
   }
   part = {
     "w": mofo_jax.BlockSpec(),
     "w2": mofo_jax.BlockSpec(),
     "s": LAYERS,
+    "s2": LAYERS,
     "b": mofo_jax.BlockSpec(),
   }
   runs = [optimizer_steps(sel, params, part) for sel in (KERNEL, XLA)]

@@ -56,17 +56,26 @@ def test_equals_xla_approx_drawn(layers, rows, cols, dtype, fraction, seed):
 
 
 def test_optimizer_steps_equal_approx():
-  """Whole MoFO steps: the kernel leaves (two sharing one call), the fallback leaves (a vector,
-  a split last axis) and the state all equal the XLA approx path's."""
+  """Whole MoFO steps: the kernel leaves (pairs sharing one call, of one block each and of one
+  per layer), the fallback leaves (a vector, a split last axis) and the state all equal the XLA
+  approx path's."""
   params = {
     "w": jnp.zeros((64, 256)),
     "w2": jnp.zeros((64, 256)),
     "s": jnp.zeros((2, 32, 256)),
+    "s2": jnp.zeros((2, 32, 256)),
     "c": jnp.zeros((64, 256)),
     "b": jnp.zeros(8),
   }
   leaf = mofo_jax.BlockSpec()
-  part = {"w": leaf, "w2": leaf, "s": LAYERS, "c": mofo_jax.BlockSpec(split_axes=(1,)), "b": leaf}
+  part = {
+    "w": leaf,
+    "w2": leaf,
+    "s": LAYERS,
+    "s2": LAYERS,
+    "c": mofo_jax.BlockSpec(split_axes=(1,)),
+    "b": leaf,
+  }
   runs = [optimizer_steps(sel, params, part) for sel in (KERNEL, XLA)]
   assert_same(*runs)
 
