@@ -139,15 +139,19 @@ def test_optimizer_steps_equal_exact():
   assert_same(*runs)
 
 
-def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
-  # On one device "auto" leaves the choice to the platform lowered for.
+def assert_auto_is_xla_on_cpu(monkeypatch, auto, xla, shape):
+  """On one device "auto" leaves the choice to the platform lowered for: on CPU no kernel is
+  lowered, and the results are the XLA selection's."""
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-  arrays = _arrays((16, 128), jnp.float32, 0)
+  arrays = _arrays(shape, jnp.float32, 0)
   spec = mofo_jax.BlockSpec()
-  auto = ps.PallasSelection(tile_entries=1024)
   text = _select.lower(auto, spec, 0.1, *arrays, None).as_text()
-  assert "mofo_count_keys" not in text and "tpu_custom_call" not in text
-  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(XLA, spec, 0.1, *arrays, None))
+  assert "mofo_adam_moments_count" not in text and "tpu_custom_call" not in text
+  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(xla, spec, 0.1, *arrays, None))
+
+
+def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
+  assert_auto_is_xla_on_cpu(monkeypatch, ps.PallasSelection(tile_entries=1024), XLA, (16, 128))
 
 
 @pytest.mark.parametrize("bad", [{"kernel": "gpu"}, {"tile_entries": 8}])

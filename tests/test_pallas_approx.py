@@ -2,7 +2,6 @@
 
 import hypothesis
 import hypothesis.strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +9,14 @@ import pytest
 import mofo_jax
 from mofo_jax import _pallas_approx as pa
 from mofo_jax import _pallas_selection as ps
-from tests.test_pallas import LAYERS, _arrays, _select, assert_same, optimizer_steps
+from tests.test_pallas import (
+  LAYERS,
+  _arrays,
+  _select,
+  assert_auto_is_xla_on_cpu,
+  assert_same,
+  optimizer_steps,
+)
 
 # Tiles of 1024 entries: several tiles per block, and blocks of several tiles, at test sizes.
 KERNEL = pa.PallasApproxSelection(kernel="always", interpret=True, tile_entries=1024)
@@ -81,14 +87,8 @@ def test_optimizer_steps_equal_approx():
 
 
 def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
-  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-  arrays = _arrays((64, 256), jnp.float32, 0)
-  spec = mofo_jax.BlockSpec()
   auto = pa.PallasApproxSelection(tile_entries=1024)
-  text = _select.lower(auto, spec, 0.1, *arrays, None).as_text()
-  assert "mofo_adam_moments_count" not in text and "tpu_custom_call" not in text
-  cpu = mofo_jax.ApproxSelection()
-  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(cpu, spec, 0.1, *arrays, None))
+  assert_auto_is_xla_on_cpu(monkeypatch, auto, mofo_jax.ApproxSelection(), (64, 256))
 
 
 @pytest.mark.parametrize(
