@@ -11,15 +11,17 @@ and the mask (XLA compares the kernel's m buffer with the threshold and fuses th
 masked update) read the same materialised values, with no mask buffer and no counting pass.
 
 The leaves the kernels take are those of :class:`mofo_jax.PallasSelection` (grouped the same
-way); the others, a global block, several devices and every platform but TPU (``"auto"``) go
-through the ``fallback`` :class:`mofo_jax.ApproxSelection`.
+way, on sharded leaves shard by shard with the counts summed over the mesh, see
+:mod:`mofo_jax._pallas_sharded`); the others, a global block, several devices without a known
+layout and every platform but TPU (``"auto"``) go through the ``fallback``
+:class:`mofo_jax.ApproxSelection`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 from jax import lax
@@ -27,19 +29,23 @@ from jax import lax
 from mofo_jax import _approx
 from mofo_jax import _counts
 from mofo_jax import _pallas_selection as _ps
+from mofo_jax import _pallas_sharded
 from mofo_jax import _selection
 
 
-def kept_group(gs, mus, nus, taus, t: _ps.Tiling, first_moment, second_moment, *, interpret=False):
+def kept_group(
+  gs, mus, nus, taus, t: _ps.Tiling, first_moment, second_moment, *, interpret=False, psum_axes=()
+):
   """One fused pass over a group of leaves sharing the tiling ``t`` (see
   :func:`mofo_jax._pallas_selection.fused_moments`): per leaf the new m and v, and per block
   (``[len(gs) * num_blocks]``, leaf-major) the count of entries whose new ``|m|`` reaches the
-  block's threshold in ``taus`` (float32, the same order)."""
+  block's threshold in ``taus`` (float32, the same order), summed over the mesh axes
+  ``psum_axes`` (shards of blocks, inside ``shard_map``)."""
   keys = lax.bitcast_convert_type(taus.astype(jnp.float32), jnp.uint32)
   ms, vs, tiles = _ps.fused_moments(
     gs, mus, nus, _ps._signed(keys), t, first_moment, second_moment, interpret=interpret
   )
-  counts = _ps.block_counts(tiles, t, 1)
+  counts = _ps.block_counts(tiles, t, 1, psum_axes)
   return ms, vs, _counts.Count(*(a[:, 0] for a in counts))
 
 
@@ -55,14 +61,20 @@ class PallasApproxSelection:
   one and the gradient are both ``-0.0`` (the XLA path adds ``+0.0`` to the old momentum, to
   order its reads before the in-place update).
 
+  Sharded leaves take the kernels shard by shard as in :class:`mofo_jax.PallasSelection`
+  (``mesh`` and ``specs``, or Explicit mesh axes), with the same results as one device.
+
   Attributes:
-    kernel: ``"auto"``: the kernels when the program is lowered for TPU on one device
+    kernel: ``"auto"``: the kernels when the program is lowered for TPU
       (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
       kernels wherever they apply (on CPU only with ``interpret``).
     interpret: run the kernels in Pallas's interpreter (tests on CPU).
     tile_entries: entries per VMEM tile (see :func:`mofo_jax._pallas_selection.tiling`).
     fallback: the :class:`mofo_jax.ApproxSelection` whose thresholds (``sample_size``) are used,
       and which selects the leaves the kernels do not take.
+    mesh: the mesh the params are sharded over (with ``specs``); None: read from the arrays'
+      types under Explicit mesh axes, else the kernels run on one device only.
+    specs: the params' pytree of ``PartitionSpec`` or ``NamedSharding`` (kept as a tuple).
 
   Example:
     >>> import mofo_jax
@@ -73,8 +85,11 @@ class PallasApproxSelection:
   interpret: bool = False
   tile_entries: int = _ps.TILE_ENTRIES
   fallback: _approx.ApproxSelection = dataclasses.field(default_factory=_approx.ApproxSelection)
+  mesh: Any = None
+  specs: Any = None
 
   def __post_init__(self):
+    object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
     if self.kernel not in ("auto", "always"):
       raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
     if not isinstance(self.tile_entries, int) or self.tile_entries < 1024:
@@ -91,8 +106,8 @@ class PallasApproxSelection:
   def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
     """The new moments and the masks of the sampled thresholds of the new first moment (see
     :func:`mofo_jax.select_momentum`), by the kernels for the leaves they take."""
-    tilings = _ps.kernel_tilings(
-      moments, filtered, specs, is_global, self.kernel, self.tile_entries
+    tilings, shards = _ps.kernel_tilings(
+      moments, filtered, specs, is_global, self.kernel, self.tile_entries, self.mesh, self.specs
     )
 
     def fallback():
@@ -104,13 +119,13 @@ class PallasApproxSelection:
       return fallback()
 
     def kernels():
-      return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings)
+      return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings, shards)
 
     if self.kernel == "always":
       return kernels()
     return lax.platform_dependent(tpu=kernels, default=fallback)
 
-  def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings):
+  def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings, shards):
     rest = [i for i, t in enumerate(tilings) if t is None]
     pick = lambda xs: [xs[i] for i in rest]
     sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
@@ -133,29 +148,38 @@ class PallasApproxSelection:
     )
     tau_of = dict(zip(taken, taus))
     dtypes = [(g.dtype, mu.dtype, nu.dtype) for g, mu, nu in zip(*moments[:3])]
-    shapes = [g.shape for g in moments.grads]
-    for t, idx in _ps.groups(shapes, specs, dtypes, tilings, self.tile_entries):
-      g, mu, nu = (
-        [x[i].reshape(t.rows, t.cols) for i in idx]
-        for x in (moments.grads, moments.mus, moments.nus)
-      )
-      ms, vs, counts = kept_group(
-        g,
-        mu,
-        nu,
-        jnp.concatenate([tau_of[i].reshape(-1) for i in idx]),
-        t,
-        moments.first_moment,
-        moments.second_moment,
-        interpret=self.interpret,
+    shapes = _ps.local_shapes(moments, shards)
+    for t, idx in _ps.groups(shapes, specs, dtypes, tilings, self.tile_entries, shards):
+      where = shards[idx[0]]
+
+      def body(frac, leaves, blocks, t=t, idx=idx, where=where):
+        del frac  # the thresholds are sampled before the pass
+        g, mu, nu = ([x.reshape(t.rows, t.cols) for x in xs] for xs in leaves)
+        ms, vs, counts = kept_group(
+          g,
+          mu,
+          nu,
+          jnp.concatenate([tau.reshape(-1) for tau in blocks[0]]),
+          t,
+          moments.first_moment,
+          moments.second_moment,
+          interpret=self.interpret,
+          psum_axes=() if where is None else where.reduce_axes,
+        )
+        return _ps.unstack(ms, vs, counts, t, specs[idx[0]], leaves[0][0].shape)
+
+      (ms, vs), (his, los) = _pallas_sharded.run(
+        body,
+        where,
+        [[x[i] for i in idx] for x in (moments.grads, moments.mus, moments.nus)],
+        [[tau_of[i] for i in idx]],
+        None,
       )
       for j, i in enumerate(idx):
-        shape = shapes[i]
-        m = ms[j].reshape(shape)
-        per_leaf = slice(j * t.num_blocks, (j + 1) * t.num_blocks)
-        count = _counts.Count(*(a[per_leaf] for a in counts))
-        results[0][i], results[1][i] = m, vs[j].reshape(shape)
-        results[2][i] = _selection.block_mask(m, specs[i], tau_of[i])
+        shape = moments.grads[i].shape
+        count = _counts.Count(his[j], los[j])
+        results[0][i], results[1][i] = ms[j], vs[j]
+        results[2][i] = _selection.block_mask(ms[j], specs[i], tau_of[i])
         results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
         results[4][i] = tau_of[i]
     return tuple(results)

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mofo_jax import _counts
+from mofo_jax import _pallas_sharded
 from mofo_jax import _partition
 from mofo_jax import _selection
 
@@ -245,10 +246,21 @@ def count_keys(ms, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
   return out
 
 
-def block_counts(tiles: jax.Array, t: Tiling, num_cands: int) -> _counts.Count:
+def block_counts(
+  tiles: jax.Array, t: Tiling, num_cands: int, psum_axes: tuple[str, ...] = ()
+) -> _counts.Count:
   """``[group * num_blocks, num_cands]`` Counts (leaf-major) from the per-tile counts of a
   kernel: exact past 2**31 (tiles hold under 2**24 entries; 2**7 of them sum in int32, then by
-  limbs)."""
+  limbs); summed over the mesh axes ``psum_axes`` (inside ``shard_map``: the axes that split a
+  block, see :mod:`mofo_jax._pallas_sharded`)."""
+  count = _tile_sums(tiles, t, num_cands)
+  if not psum_axes:
+    return count
+  # Limbs under 2**16 from fewer than 2**15 devices: the int32 sums are exact.
+  return _counts.normalise(*(lax.psum(a, psum_axes) for a in count))
+
+
+def _tile_sums(tiles: jax.Array, t: Tiling, num_cands: int) -> _counts.Count:
   group = tiles.shape[0]
   rows, cols = t.grid
   per_tile = tiles.reshape(group, rows, _SUBLANES, cols, _LANES)[:, :, 0, :, :num_cands]
@@ -286,7 +298,7 @@ def _resolve(prefix, count, cands_counts, k, shift):
   return prefix + (digit << shift), count
 
 
-def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret):
+def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret, psum_axes=()):
   """Fixes the bits below ``top_shift + RADIX_BITS`` of the k-th largest key at or above
   ``base`` (whose count is ``count``) of every block of the group ``ms``: a loop of counting
   kernels, ``RADIX_BITS`` bits a trip from ``top_shift`` down, the last trip at shift 0 (where
@@ -301,7 +313,8 @@ def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret):
     )
     cands = _candidates(prefix, shift, RADIX_BITS)
     tiles = count_keys(ms, _signed(cands).reshape(-1), t, interpret=interpret)
-    return _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
+    counts = block_counts(tiles, t, cands.shape[1], psum_axes)
+    return _resolve(prefix, count, counts, k, shift)
 
   return lax.fori_loop(0, trips, trip, (base, count))
 
@@ -313,7 +326,18 @@ _BRACKET_SHIFT = BRACKET_BITS - RADIX_BITS
 
 
 def select_group(
-  gs, mus, nus, t: Tiling, fraction, first_moment, second_moment, previous=None, *, interpret=False
+  gs,
+  mus,
+  nus,
+  t: Tiling,
+  fraction,
+  first_moment,
+  second_moment,
+  previous=None,
+  *,
+  interpret=False,
+  block_entries: int | None = None,
+  psum_axes: tuple[str, ...] = (),
 ):
   """The new moments and, per block, the k-th largest key of the new ``|m|`` and its count, for
   a group of leaves that share one tiling (their kernels are shared too; see module).
@@ -327,13 +351,15 @@ def select_group(
       search is bracketed (see module; one bracket check for the group); None searches every
       bit.
     interpret: run the kernels in Pallas's interpreter (any backend; for tests).
+    block_entries: entries of a whole block when ``gs`` are shards of it (default: the
+      tiling's block); then the per-block counts are summed over the mesh axes ``psum_axes``.
 
   Returns:
     Per leaf the new m and the new v, and per block (``[len(gs) * num_blocks]``, leaf-major) the
     thresholds (float32) and the counts at them.
   """
   nb = len(gs) * t.num_blocks
-  n = t.block_rows * t.cols
+  n = t.block_rows * t.cols if block_entries is None else block_entries
   k = _counts.num_to_select(fraction, n)
   k = _counts.Count(*(jnp.broadcast_to(a, (nb,)) for a in k))
   zeros = jnp.zeros((nb,), jnp.uint32)
@@ -358,12 +384,12 @@ def select_group(
     second_moment,
     interpret=interpret,
   )
-  counts = block_counts(tiles, t, cands.shape[1])
+  counts = block_counts(tiles, t, cands.shape[1], psum_axes)
   top_counts = _counts.Count(*(a[:, : top.shape[1]] for a in counts))
   prefix, count = _resolve(zeros, all_count, top_counts, k, KEY_BITS - RADIX_BITS)
 
   def full():
-    return _search(ms, t, k, prefix, count, _FULL_SHIFT, interpret)
+    return _search(ms, t, k, prefix, count, _FULL_SHIFT, interpret, psum_axes)
 
   if previous is None:
     prefix, count = full()
@@ -373,7 +399,7 @@ def select_group(
     inside = _counts.greater_equal(at_low, k) & ~_counts.greater_equal(at_high, k)
     prefix, count = lax.cond(
       jnp.all(inside),
-      lambda: _search(ms, t, k, lows, at_low, _BRACKET_SHIFT, interpret),
+      lambda: _search(ms, t, k, lows, at_low, _BRACKET_SHIFT, interpret, psum_axes),
       full,
     )
   return ms, vs, _selection.keys_to_threshold(prefix), count
@@ -398,14 +424,16 @@ def select_leaf(
   return ms[0], vs[0], tau, count
 
 
-def groups(shapes, specs, dtypes, tilings, tile_entries: int = TILE_ENTRIES):
+def groups(shapes, specs, dtypes, tilings, tile_entries: int = TILE_ENTRIES, shards=None):
   """The leaves that share kernels: ``[(tiling, [leaf indices])]`` for the leaves with a tiling,
-  grouped by their 2-D view, blocks and dtypes, at most ``MAX_GROUP`` a group, each group tiled
-  for ``tile_entries / len(group)`` entries a leaf (a leaf alone where that tiling fails)."""
+  grouped by their 2-D view, blocks, dtypes and (``shards``, per leaf) how they lie on the mesh,
+  at most ``MAX_GROUP`` a group, each group tiled for ``tile_entries / len(group)`` entries a leaf
+  (a leaf alone where that tiling fails). ``shapes``: the shapes the kernels see (shards')."""
   by_key: dict[Any, list[int]] = {}
   for i, t in enumerate(tilings):
     if t is not None:
-      by_key.setdefault((t.rows, t.cols, t.block_rows, dtypes[i]), []).append(i)
+      where = None if shards is None else shards[i]
+      by_key.setdefault((t.rows, t.cols, t.block_rows, dtypes[i], where), []).append(i)
   out = []
   for idx in by_key.values():
     for start in range(0, len(idx), MAX_GROUP):
@@ -426,20 +454,53 @@ def _traceable(fn, *dtypes) -> bool:
 
 
 def kernel_tilings(
-  moments, filtered, specs, is_global, kernel: str, tile_entries: int = TILE_ENTRIES
-) -> list[Tiling | None]:
-  """Per leaf of a :class:`mofo_jax.MomentUpdate`, the kernels' :func:`tiling`, or None where
-  the leaf is not filtered, its moments do not trace into a kernel, the block is global, or
-  (``kernel="auto"``) there is more than one device."""
-  if is_global or (kernel == "auto" and jax.device_count() > 1):
-    return [None] * len(filtered)
+  moments,
+  filtered,
+  specs,
+  is_global,
+  kernel: str,
+  tile_entries: int = TILE_ENTRIES,
+  mesh: Any = None,
+  pspecs: Any = None,
+) -> tuple[list[Tiling | None], list[_pallas_sharded.Shard | None]]:
+  """Per leaf of a :class:`mofo_jax.MomentUpdate`, the kernels' :func:`tiling` (of the leaf,
+  or of its shard when it is split over a mesh) and its :class:`mofo_jax._pallas_sharded.Shard`
+  (None where the kernels see the whole leaf). The tiling is None where the leaf is not
+  filtered, its moments do not trace into a kernel, the block is global, or the leaf lies on
+  several devices in a way the sharded kernels do not take (see
+  :mod:`mofo_jax._pallas_sharded`; ``mesh`` and ``pspecs`` as the selection was given them)."""
+  n = len(filtered)
+  if is_global:
+    return [None] * n, [None] * n
+  shards = _pallas_sharded.shards(moments, specs, kernel, mesh, pspecs)
+  if shards is None:
+    shards = [None] * n
+    shapes = [g.shape for g in moments.grads]
+  else:
+    shapes = [None if s is None else s.local_shape for s in shards]
   out = []
-  for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
+  for g, mu, nu, f, spec, shape in zip(
+    moments.grads, moments.mus, moments.nus, filtered, specs, shapes
+  ):
     dtypes = (g.dtype, mu.dtype, nu.dtype)
-    ok = f and _traceable(moments.first_moment, g.dtype, mu.dtype)
+    ok = f and shape is not None and _traceable(moments.first_moment, g.dtype, mu.dtype)
     ok = ok and _traceable(moments.second_moment, g.dtype, nu.dtype)
-    out.append(tiling(g.shape, spec, dtypes, tile_entries) if ok else None)
-  return out
+    out.append(tiling(shape, spec, dtypes, tile_entries) if ok else None)
+  return out, shards
+
+
+def local_shapes(moments, shards) -> list[tuple[int, ...]]:
+  """The shapes the kernels see: each leaf's shard, or the whole leaf."""
+  return [g.shape if s is None else s.local_shape for g, s in zip(moments.grads, shards)]
+
+
+def unstack(ms, vs, per_block, t: Tiling, spec, shape):
+  """A group's kernel outputs per leaf: ``(ms, vs)`` in the leaves' (or shards') ``shape``, and
+  each of ``per_block`` (leaf-major ``[len(ms) * num_blocks]``) in the leaves' block shape."""
+  block = spec.block_shape(shape)
+  n = t.num_blocks
+  per_leaf = [[a[j * n : (j + 1) * n].reshape(block) for j in range(len(ms))] for a in per_block]
+  return ([x.reshape(shape) for x in ms], [x.reshape(shape) for x in vs]), tuple(per_leaf)
 
 
 def scatter(results: list[list[Any]], idx: list[int], outs) -> None:
@@ -458,8 +519,14 @@ class PallasSelection:
   bit (tested in interpret mode). Only ``score="momentum"`` uses the kernels; other scores are
   ranked by the fallback.
 
+  On several devices each device runs the kernels on its shard of a leaf and the per-block
+  counts are summed over the mesh axes that split a block (:mod:`mofo_jax._pallas_sharded`): the
+  same results as one device. That needs the leaves' layout: ``mesh`` and ``specs``, or arrays
+  typed with Explicit mesh axes; without it, and for leaves whose shards do not tile (uneven
+  splits, ``BlockSpec.reshape``, shards the tiling refuses), the fallback runs.
+
   Attributes:
-    kernel: ``"auto"``: the kernels when the program is lowered for TPU on one device
+    kernel: ``"auto"``: the kernels when the program is lowered for TPU
       (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
       kernels wherever they apply (on CPU only with ``interpret``).
     interpret: run the kernels in Pallas's interpreter (tests on CPU).
@@ -468,6 +535,9 @@ class PallasSelection:
       one, else 7); False: always 7.
     tile_entries: entries per VMEM tile (see :func:`tiling`).
     fallback: the selection of the leaves the kernels do not take.
+    mesh: the mesh the params are sharded over (with ``specs``); None: read from the arrays'
+      types under Explicit mesh axes, else the kernels run on one device only.
+    specs: the params' pytree of ``PartitionSpec`` or ``NamedSharding`` (kept as a tuple).
 
   Example:
     >>> import mofo_jax
@@ -479,8 +549,11 @@ class PallasSelection:
   bracket: bool = True
   tile_entries: int = TILE_ENTRIES
   fallback: Any = dataclasses.field(default_factory=_selection.ExactSelection)
+  mesh: Any = None
+  specs: Any = None
 
   def __post_init__(self):
+    object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
     if self.kernel not in ("auto", "always"):
       raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
     if not isinstance(self.tile_entries, int) or self.tile_entries < _SUBLANES * _LANES:
@@ -492,14 +565,17 @@ class PallasSelection:
   def select(self, scores, filtered, specs, is_global, fraction, previous=None):
     return self.fallback.select(scores, filtered, specs, is_global, fraction, previous=previous)
 
-  def tilings(self, moments, filtered, specs, is_global) -> list[Tiling | None]:
-    """Per leaf, the kernels' tiling, or None where the leaf goes to the fallback."""
-    return kernel_tilings(moments, filtered, specs, is_global, self.kernel, self.tile_entries)
+  def tilings(self, moments, filtered, specs, is_global):
+    """Per leaf, the kernels' tiling (None where the leaf goes to the fallback) and its shard
+    (see :func:`kernel_tilings`)."""
+    return kernel_tilings(
+      moments, filtered, specs, is_global, self.kernel, self.tile_entries, self.mesh, self.specs
+    )
 
   def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
     """The new moments and the exact selection of the new first moment (see
     :func:`mofo_jax.select_momentum`), by the kernels for the leaves they take."""
-    tilings = self.tilings(moments, filtered, specs, is_global)
+    tilings, shards = self.tilings(moments, filtered, specs, is_global)
 
     def fallback():
       return _selection.select_momentum(
@@ -510,13 +586,15 @@ class PallasSelection:
       return fallback()
 
     def kernels():
-      return self._with_kernels(moments, filtered, specs, is_global, fraction, previous, tilings)
+      return self._with_kernels(
+        moments, filtered, specs, is_global, fraction, previous, tilings, shards
+      )
 
     if self.kernel == "always":
       return kernels()
     return lax.platform_dependent(tpu=kernels, default=fallback)
 
-  def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings):
+  def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings, shards):
     rest = [i for i, t in enumerate(tilings) if t is None]
     pick = lambda xs: [xs[i] for i in rest]
     sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
@@ -532,34 +610,41 @@ class PallasSelection:
     results = [[None] * len(tilings) for _ in range(5)]
     scatter(results, rest, outs)
     dtypes = [(g.dtype, mu.dtype, nu.dtype) for g, mu, nu in zip(*moments[:3])]
-    shapes = [g.shape for g in moments.grads]
-    for t, idx in groups(shapes, specs, dtypes, tilings, self.tile_entries):
-      g, mu, nu = (
-        [x[i].reshape(t.rows, t.cols) for i in idx]
-        for x in (moments.grads, moments.mus, moments.nus)
-      )
-      prev = None
-      if previous is not None and self.bracket:
-        prev = [previous[i].reshape(t.num_blocks) for i in idx]
-      ms, vs, taus, counts = select_group(
-        g,
-        mu,
-        nu,
-        t,
-        fraction,
-        moments.first_moment,
-        moments.second_moment,
-        prev,
-        interpret=self.interpret,
+    shapes = local_shapes(moments, shards)
+    for t, idx in groups(shapes, specs, dtypes, tilings, self.tile_entries, shards):
+      where = shards[idx[0]]
+      bracketed = previous is not None and self.bracket
+
+      def body(frac, leaves, blocks, t=t, idx=idx, where=where, bracketed=bracketed):
+        g, mu, nu = ([x.reshape(t.rows, t.cols) for x in xs] for xs in leaves)
+        prev = [p.reshape(t.num_blocks) for p in blocks[0]] if bracketed else None
+        ms, vs, taus, counts = select_group(
+          g,
+          mu,
+          nu,
+          t,
+          fraction if frac is None else frac,
+          moments.first_moment,
+          moments.second_moment,
+          prev,
+          interpret=self.interpret,
+          block_entries=None if where is None else where.block_entries,
+          psum_axes=() if where is None else where.reduce_axes,
+        )
+        return unstack(ms, vs, (taus, counts.hi, counts.lo), t, specs[idx[0]], leaves[0][0].shape)
+
+      (ms, vs), (taus, his, los) = _pallas_sharded.run(
+        body,
+        where,
+        [[x[i] for i in idx] for x in (moments.grads, moments.mus, moments.nus)],
+        [[previous[i] for i in idx]] if bracketed else [],
+        _pallas_sharded.traced(fraction),
       )
       for j, i in enumerate(idx):
-        shape = shapes[i]
-        m, v = ms[j].reshape(shape), vs[j].reshape(shape)
-        per_leaf = slice(j * t.num_blocks, (j + 1) * t.num_blocks)
-        tau = taus[per_leaf].reshape(specs[i].block_shape(shape))
-        count = _counts.Count(*(a[per_leaf] for a in counts))
-        results[0][i], results[1][i] = m, v
-        results[2][i] = _selection.block_mask(m, specs[i], tau)
+        shape = moments.grads[i].shape
+        results[0][i], results[1][i] = ms[j], vs[j]
+        results[2][i] = _selection.block_mask(ms[j], specs[i], taus[j])
+        count = _counts.Count(his[j], los[j])
         results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-        results[4][i] = tau
+        results[4][i] = taus[j]
     return tuple(results)
