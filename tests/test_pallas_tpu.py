@@ -9,11 +9,15 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mofo_jax
 from mofo_jax import _pallas_approx as pa
 from mofo_jax import _pallas_selection as ps
+from mofo_jax import _selection
 
 pytestmark = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (extra tpu-plan)"
@@ -104,3 +108,51 @@ def test_vmem_limit_is_what_refuses_larger_tiles():
   """Tiles of 2**20 entries overflow the 32 MiB of scoped VMEM: the check above can fail."""
   with pytest.raises(Exception, match="(?i)vmem"):
     _compile("v6e:1x1", (8192, 2048), mofo_jax.BlockSpec(), tile_entries=1 << 20)
+
+
+def _mesh(topology, bounds):
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  from jax.experimental import topologies
+
+  topo = topologies.get_topology_desc(
+    platform="tpu", topology_name=topology, chips_per_host_bounds=bounds
+  )
+  return jax.sharding.Mesh(np.array(topo.devices).reshape(2, 2), ("fsdp", "tensor"))
+
+
+@pytest.mark.slow  # ~10 s per compile
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_sharded_kernels_compile_for_four_chips(topology):
+  """Leaves split over a 2x2 slice (8B q projection by rows and columns, stacked 8B up
+  projections by layer and column): the kernels run in shard_map on each chip's shard and the
+  per-block counts are all-reduced."""
+  mesh = _mesh(topology, (2, 2, 1))
+  leaves = [
+    ((4096, 4096), mofo_jax.BlockSpec(), P("fsdp", "tensor")),
+    ((4, 4096, 14336), LAYERS, P("fsdp", None, "tensor")),
+  ]
+  pspecs = [p for _, _, p in leaves]
+  selection = mofo_jax.PallasSelection(mesh=mesh, specs=pspecs)
+  adam = mofo_jax._transform._Adam.at(jnp.int32(1), 0.9, 0.999, 1e-8, jnp.float32, jnp.float32)
+
+  def step(g, mu, nu, previous):
+    moments = _selection.MomentUpdate(
+      g, mu, nu, adam.first_moment, adam.second_moment, jnp.int32(1)
+    )
+    specs = [s for _, s, _ in leaves]
+    return _selection.select_momentum(
+      selection, moments, [True] * 2, specs, False, 0.1, previous=previous
+    )
+
+  x = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p)) for s, _, p in leaves]
+  prev = [
+    jax.ShapeDtypeStruct(sp.block_shape(s), jnp.float32, sharding=NamedSharding(mesh, P()))
+    for s, sp, _ in leaves
+  ]
+  text = jax.jit(step).lower(x, x, x, prev).compile().as_text()
+  calls = [line for line in text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  # Per leaf (their shards differ, so no shared group): the fused pass and a counting kernel
+  # per branch of the bracket.
+  assert len(calls) == 6, len(calls)
+  assert "all-reduce" in text

@@ -169,7 +169,7 @@ def stacked_layer_blocks(params: Any) -> tuple[Any, Any]:
 
 
 def make_optimizer(
-  cfg: OptimizerConfig, params: Any = None, stacked_layers: bool = False
+  cfg: OptimizerConfig, params: Any = None, stacked_layers: bool = False, shardings: Any = None
 ) -> optax.GradientTransformation:
   """Builds the optimizer ``cfg`` names.
 
@@ -178,6 +178,9 @@ def make_optimizer(
     params: the parameter pytree (read by ``hft`` and for stacked layers).
     stacked_layers: the model's layers are stacked along a leading axis (``scan_layers``):
       MoFO then ranks each layer's matrices separately (see :func:`stacked_layer_blocks`).
+    shardings: the params' ``NamedSharding`` s (a pytree shaped like them): on a mesh of
+      several devices MoFO's Pallas kernels then run on each device's shards (see
+      :class:`mofo_jax.PallasSelection`); without them only on one device.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -193,8 +196,13 @@ def make_optimizer(
       "mofo-random": "random",
     }[cfg.name]
     filter_mask, partition = stacked_layer_blocks(params) if stacked_layers else (None, None)
+    selection = "exact"
+    meshes = {s.mesh for s in jax.tree.leaves(shardings)} if shardings is not None else set()
+    if score == "momentum" and len(meshes) == 1 and next(iter(meshes)).size > 1:
+      selection = mofo_jax.PallasSelection(mesh=meshes.pop(), specs=shardings)
     core = mofo_jax.mofo(
       lr,
+      selection=selection,
       fraction=cfg.fraction,
       weight_decay=cfg.weight_decay,
       score=score,

@@ -555,5 +555,7 @@ def make_trainer(
   shardings = model_lib.param_shardings(model, mesh)
   params = nnx.state(model, nnx.Param)
   stacked = bool(getattr(getattr(model, "config", None), "scan_layers", False))
-  optimizer = optimizers.make_optimizer(opt_cfg, params, stacked_layers=stacked)
+  optimizer = optimizers.make_optimizer(
+    opt_cfg, params, stacked_layers=stacked, shardings=shardings
+  )
   return Trainer(model, optimizer, mesh, shardings, grad_accum)

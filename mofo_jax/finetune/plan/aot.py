@@ -87,7 +87,9 @@ def compile_step(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
   )
   opt_cfg = optimizers.OptimizerConfig(name=optimizer_name, fraction=fraction)
-  opt = optimizers.make_optimizer(opt_cfg, params, stacked_layers=config.scan_layers)
+  opt = optimizers.make_optimizer(
+    opt_cfg, params, stacked_layers=config.scan_layers, shardings=shardings
+  )
   opt_shardings = mofo_jax.state_shardings(opt, params)
   opt_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
