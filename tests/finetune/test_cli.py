@@ -49,13 +49,13 @@ def snapshot(directory: Path) -> dict[str, str]:
   }
 
 
-def user_error(argv, capsys) -> str:
-  """Runs the CLI, expects exit status 2 and exactly one stderr line; returns it."""
+def user_error(argv, capsys, prog: str = "mofo-finetune") -> str:
+  """Runs the CLI, expects exit status 2 and exactly one stderr line from ``prog``; returns it."""
   code = cli.main(argv)
   err = capsys.readouterr().err
   lines = [x for x in err.splitlines() if x.strip()]
   assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("mofo-finetune: error: "), err
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
   return lines[0]
 
 
