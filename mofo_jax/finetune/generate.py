@@ -341,6 +341,8 @@ def read_messages(path: str) -> tuple[dict, ...]:
 
   try:
     value = json.loads(epath.Path(path).read_text())
+  except FileNotFoundError:
+    raise UserError(f"--messages {path}: no such file.") from None
   except (OSError, UnicodeDecodeError) as e:
     raise UserError(f"--messages {path}: {_one_line(e)}") from None
   except json.JSONDecodeError as e:

@@ -181,7 +181,7 @@ def test_cli_usage_errors_are_one_line(argv, expected, capsys):
     (["--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--messages", "m.json", "--raw"], "--raw continues a --prompt"),
     (["--prompt", "x", "--raw", "--chat-template", "none"], "--chat-template has nothing"),
-    (["--messages", "MISSING"], "--messages MISSING"),
+    (["--messages", "MISSING"], "--messages MISSING: no such file."),
     (["--messages", "NOTJSON"], "not JSON"),
     (["--messages", "NOCONTENT"], "message 2 (user): 'content' must be a string"),
     (["--prompt", "x", "--model", "NOMODEL"], "--model NOMODEL"),
