@@ -311,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     default="float32",
     help="parameter and compute dtype (default: float32)",
   )
+  p.add_argument(
+    "--mesh",
+    default=None,
+    help="shard the model over this host's devices, e.g. fsdp=4,tensor=2 (as in training; "
+    "each device reads only its slices); default: the whole model on one device",
+  )
   return p
 
 
@@ -413,15 +419,19 @@ def prompt_ids(args: argparse.Namespace, tok, messages: Sequence[dict] | None) -
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``mofo-finetune generate``: prints the reply; user errors are one line, exit status 2."""
-  from mofo_jax.finetune import runner
+  from mofo_jax.finetune import runner, train
 
   args = build_parser().parse_args(argv)
   try:
     _check(args)
     # A bad --messages file is refused before the model loads.
     messages = None if args.messages is None else read_messages(args.messages)
+    try:
+      mesh = None if args.mesh is None else train.make_mesh(args.mesh)
+    except ValueError as e:
+      raise UserError(f"--mesh {args.mesh}: {_one_line(e)}") from None
     settings = ModelSettings(path=args.model, param_dtype=args.dtype, compute_dtype=args.dtype)
-    config, model, tok = runner.load_model(settings)
+    config, model, tok = runner.load_model(settings, mesh)
     ids = prompt_ids(args, tok, messages)
   except UserError as e:
     print(f"mofo-finetune generate: error: {e}", file=sys.stderr)

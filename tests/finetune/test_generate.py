@@ -185,6 +185,7 @@ def test_cli_usage_errors_are_one_line(argv, expected, capsys):
     (["--messages", "NOTJSON"], "not JSON"),
     (["--messages", "NOCONTENT"], "message 2 (user): 'content' must be a string"),
     (["--prompt", "x", "--model", "NOMODEL"], "--model NOMODEL"),
+    (["--prompt", "x", "--mesh", "fsdp=16"], "--mesh fsdp=16: mesh"),
   ],
 )
 def test_cli_bad_input_is_one_line(argv, expected, model_dir, tmp_path, capsys, monkeypatch):
@@ -212,3 +213,14 @@ def test_cli_model_without_chat_template_needs_raw(model_dir, tmp_path, capsys):
   assert generate_cli(
     capsys, "--model", str(plain), "--prompt", "x", "--raw", "--max-new-tokens", "2"
   )
+
+
+@pytest.mark.slow
+def test_cli_sharded_model_says_the_same(model_dir, capsys):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  common = ["--model", str(model_dir), "--prompt", "Ann has 3 cards.", "--max-new-tokens", "12"]
+  one = generate_cli(capsys, *common)
+  assert generate_cli(capsys, *common, "--mesh", "data=2,fsdp=2,tensor=2") == one
+  line = user_error(["generate", *common, "--mesh", "tensor=3"], capsys, "mofo-finetune generate")
+  assert "mesh axis 'tensor' of size 3 does not divide" in line
