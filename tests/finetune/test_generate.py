@@ -214,9 +214,15 @@ def test_cli_model_without_chat_template_needs_raw(model_dir, tmp_path, capsys):
     ["generate", "--model", str(plain), "--prompt", "x"], capsys, prog="mofo-finetune generate"
   )
   assert "the model has no chat template: pass --raw" in line
-  assert generate_cli(
-    capsys, "--model", str(plain), "--prompt", "x", "--raw", "--max-new-tokens", "2"
+  common = ["generate", "--model", str(plain), "--prompt", "Ann", "--max-new-tokens", "300"]
+  assert cli.main([*common, "--raw"]) == 0
+  raw = capsys.readouterr()
+  assert (
+    "warning: 2 prompt tokens + --max-new-tokens 300 exceed the model's context of 256" in raw.err
   )
+  # 'none' renders the turns' contents back to back: here the prompt itself (no BOS is added).
+  assert cli.main([*common, "--chat-template", "none"]) == 0
+  assert capsys.readouterr().out == raw.out
 
 
 @pytest.mark.slow
