@@ -86,15 +86,18 @@ def test_greedy_matches_transformers_generate(model_dir, hf, scan_layers):
 
 
 def test_generation_stops_at_eos(model_dir):
-  _, model = checkpoints_hf.load_hf_checkpoint(model_dir)
-  prompt = np.arange(5)[None]
-  free = np.asarray(generate(model, prompt, 12, eos_ids=[10**6]).tokens[0])
-  stop = int(free[4])  # make the 5th generated token the end of sequence
-  out = generate(model, prompt, 12, eos_ids=[stop])
-  first = free.tolist().index(stop)
-  assert int(out.lengths[0]) == first + 1
-  np.testing.assert_array_equal(out.tokens[0, : first + 1], free[: first + 1])
-  assert (np.asarray(out.tokens[0, first:]) == stop).all()
+  _, model = checkpoints_hf.load_hf_checkpoint(model_dir, scan_layers=True)
+  # The shapes of the test above: its compiled program is reused.
+  prompts = np.random.RandomState(2).randint(0, model.config.vocab_size, (3, 9))
+  free = np.asarray(generate(model, prompts, 24, eos_ids=[10**6]).tokens)
+  stop = int(free[0, 4])  # make row 0's 5th generated token the end of sequence
+  out = generate(model, prompts, 24, eos_ids=[stop])
+  for row in range(3):
+    ends = [i for i, x in enumerate(free[row]) if x == stop]
+    n = ends[0] + 1 if ends else 24
+    assert int(out.lengths[row]) == n
+    np.testing.assert_array_equal(out.tokens[row, :n], free[row, :n])
+    assert (np.asarray(out.tokens[row, n - 1 :]) == (stop if ends else free[row, -1])).all()
 
 
 def test_sample_token_draws_from_the_top_p_nucleus():
