@@ -59,13 +59,21 @@ def init_cache(model: LlamaForCausalLM, batch: int, length: int) -> KVCache:
   return KVCache(jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype))
 
 
-def _layer(layer, x, cos, sin, mask, k_cache, v_cache, index):
-  """One decoder layer over new positions ``index..``, their keys and values cached."""
+def _layer(layer, i, x, cos, sin, mask, cache: KVCache, index) -> tuple[jax.Array, KVCache]:
+  """Decoder layer ``i`` over new positions ``index..``, their keys and values cached.
+
+  Only the new positions of the cache are written (in place inside the decode loop) and layer
+  ``i``'s slice is read, so a step moves no more cache bytes than its attention reads.
+  """
   q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-  x = x + layer.self_attn.attend(q, k_cache, v_cache, mask)
-  return x + layer.mlp(layer.post_attention_layernorm(x)), k_cache, v_cache
+  at = (i, 0, index, 0, 0)
+  cache = KVCache(
+    jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+    jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
+  )
+  keys, values = (jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) for a in cache)
+  x = x + layer.self_attn.attend(q, keys, values, mask)
+  return x + layer.mlp(layer.post_attention_layernorm(x)), cache
 
 
 def forward_cached(
@@ -94,23 +102,15 @@ def forward_cached(
   if c.scan_layers:
     graphdef, stacked = nnx.split(model.model.layers)
 
-    def body(x, xs):
-      state, k_cache, v_cache = xs
-      x, k_cache, v_cache = _layer(
-        nnx.merge(graphdef, state), x, cos, sin, mask, k_cache, v_cache, index
-      )
-      return x, (k_cache, v_cache)
+    def body(carry, xs):
+      (x, cache), (state, i) = carry, xs
+      return _layer(nnx.merge(graphdef, state), i, x, cos, sin, mask, cache, index), None
 
-    x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(c.num_hidden_layers)))
   else:
-    ks, vs = [], []
     for i, layer in enumerate(model.model.layers):
-      x, k_i, v_i = _layer(layer, x, cos, sin, mask, cache.k[i], cache.v[i], index)
-      ks.append(k_i)
-      vs.append(v_i)
-    k, v = jnp.stack(ks), jnp.stack(vs)
-  logits = head_logits(model.model.norm(x), model.head_kernel())
-  return logits, KVCache(k, v)
+      x, cache = _layer(layer, i, x, cos, sin, mask, cache, index)
+  return head_logits(model.model.norm(x), model.head_kernel()), cache
 
 
 def sample_token(

@@ -100,6 +100,26 @@ def test_generation_stops_at_eos(model_dir):
     assert (np.asarray(out.tokens[row, n - 1 :]) == (stop if ends else free[row, -1])).all()
 
 
+def test_decode_step_writes_the_cache_in_place():
+  """Compiled HLO: the cache is copied at most once (its zero init), never per token."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the layouts checked are the CPU compiler's")
+  from flax import nnx
+
+  from mofo_jax.finetune import generate as gen
+  from mofo_jax.finetune.model import LlamaForCausalLM
+
+  for scan_layers in (True, False):
+    config = LlamaConfig(96, 64, 96, 3, 4, 2, scan_layers=scan_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
+    prompt = jax.ShapeDtypeStruct((1, 7), np.int32)
+    args = (jax.random.key(0), np.float32(1), np.float32(1), np.array([0]), 41, True)
+    hlo = gen._decode.lower(graphdef, state, prompt, *args).compile().as_text()
+    # [layers, batch, 7 + 41 positions, kv heads, head_dim] and one layer's slice of it
+    copies = [x for x in hlo.splitlines() if " copy(" in x and ",1,48,2,16]" in x]
+    assert len(copies) <= 1, copies
+
+
 def test_sample_token_draws_from_the_top_p_nucleus():
   probs = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
   logits = np.log(probs)[None]
