@@ -370,13 +370,42 @@ def _one_line(e: BaseException) -> str:
   return " ".join(str(e).split()) or type(e).__name__
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def save_generation_config(tok, directory, source: str | None = None) -> None:
+  """Writes a saved model's ``generation_config.json``, so ``transformers`` stops where we do.
+
+  Without one, ``transformers`` takes its architecture's default ids (Llama: BOS 1, EOS 2)
+  whatever the tokenizer's. The source model's file is kept when it has one (its EOS list, its
+  sampling defaults, as ``save_pretrained`` keeps them); else the tokenizer's special ids are
+  written, if it names any.
+
+  Args:
+    tok: the model's ``TextTokenizer``.
+    directory: the saved model's local directory.
+    source: the model it was fine-tuned from (a directory or a ``.gguf`` file), or None.
+  """
+  from pathlib import Path
+
+  theirs = Path(source) / GENERATION_CONFIG if source else None
+  if theirs is not None and theirs.is_file():
+    (Path(directory) / GENERATION_CONFIG).write_bytes(theirs.read_bytes())
+    return
+  ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+  ids["pad_token_id"] = tok.pad_token_id
+  ids = {k: int(v) for k, v in ids.items() if v is not None}
+  if ids:
+    (Path(directory) / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
+
+
 def stop_ids(model_path: str | None, tok) -> list[int]:
   """The tokens that end a reply: the tokenizer's EOS and a ``generation_config.json``'s
   ``eos_token_id`` (an id or a list, as Llama 3's), when the model directory has one."""
   from pathlib import Path
 
   ids = [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
-  file = Path(model_path) / "generation_config.json" if model_path else None
+  file = Path(model_path) / GENERATION_CONFIG if model_path else None
   if file is not None and file.is_file():
     try:
       eos = json.loads(file.read_text()).get("eos_token_id")

@@ -450,26 +450,28 @@ def run(
   if lead:
     log(format_summary(before or {}, last, wall))
   if out is not None:
-    _save_model(trainer, prepared, out / "model", lead)
+    _save_model(trainer, prepared, out / "model", lead, cfg.model.path)
     if lead:
       checkpointing.write_json_atomic(out / "summary.json", summary)
   return RunResult(cfg, records, summary, trainer)
 
 
-def _save_model(trainer, prepared, target, lead: bool) -> None:
-  """The fine-tuned model and tokenizer as a Hugging Face directory at ``target``.
+def _save_model(trainer, prepared, target, lead: bool, source: str | None) -> None:
+  """The fine-tuned model, tokenizer and generation config (``source``'s, or the tokenizer's
+  special ids) as a Hugging Face directory at ``target``.
 
   Every process joins the save (params may span hosts; it copies one tensor at a time to the
   host and process 0 writes), so no device ever holds the whole model. A ``gs://`` target is
   written to a local temporary directory first and uploaded with ``config.json`` last.
   """
-  from mofo_jax.finetune import checkpoints_hf, tokenizer
+  from mofo_jax.finetune import checkpoints_hf, generate, tokenizer
 
   with tempfile.TemporaryDirectory(prefix="mofo-model-") as staging:
     local = Path(staging) / "model" if storage.is_remote(target) else target
     checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, local)
     if lead:
       tokenizer.save_tokenizer(prepared.tokenizer, local)
+      generate.save_generation_config(prepared.tokenizer, local, source)
       if local != target:
         storage.upload_dir(local, target, last="config.json")
 

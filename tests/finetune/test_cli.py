@@ -149,6 +149,9 @@ def test_saved_model_reloads_to_the_same_tokens(trained, model_dir):
   hf = transformers.AutoTokenizer.from_pretrained(str(trained[0] / "model"))
   assert hf.eos_token_id == before.eos_token_id and hf.chat_template == TEMPLATE
   assert hf(text, add_special_tokens=False)["input_ids"] == before.encode(text)
+  # transformers' generate stops at our EOS (without generation_config.json, Llama's default 2).
+  generation = transformers.GenerationConfig.from_pretrained(str(trained[0] / "model"))
+  assert generation.eos_token_id == before.eos_token_id
 
 
 def test_a_model_without_eos_is_warned_about(tiny_checkpoint, tmp_path):

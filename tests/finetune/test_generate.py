@@ -100,6 +100,7 @@ def test_generation_stops_at_eos(model_dir):
     assert (np.asarray(out.tokens[row, n - 1 :]) == (stop if ends else free[row, -1])).all()
 
 
+@pytest.mark.slow
 def test_decode_step_writes_the_cache_in_place():
   """Compiled HLO: the cache is copied at most once (its zero init), never per token."""
   if jax.default_backend() != "cpu":
@@ -282,3 +283,20 @@ def test_smollm2_saved_by_us_replies_as_transformers_does(tmp_path, capsys):
   want = hf_greedy(reference, ids["input_ids"], 24)
   assert out == reference[0].decode(want, skip_special_tokens=True) + "\n"
   assert "Paris" in out
+
+
+def test_saved_generation_config_is_the_sources_or_the_tokenizers(model_dir, tmp_path):
+  from mofo_jax.finetune.generate import save_generation_config, stop_ids
+
+  tok = tokenizer.load_tokenizer(model_dir)
+  save_generation_config(tok, tmp_path, str(model_dir))  # the source has none
+  eos = tok.eos_token_id
+  want = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+  assert json.loads((tmp_path / "generation_config.json").read_text()) == want
+  source = tmp_path / "source"
+  source.mkdir()
+  theirs = {"eos_token_id": [eos, 7], "temperature": 0.6}
+  (source / "generation_config.json").write_text(json.dumps(theirs))
+  save_generation_config(tok, tmp_path, str(source))
+  assert json.loads((tmp_path / "generation_config.json").read_text()) == theirs
+  assert stop_ids(str(tmp_path), tok) == sorted({eos, 7})
