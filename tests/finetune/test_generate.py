@@ -300,3 +300,14 @@ def test_saved_generation_config_is_the_sources_or_the_tokenizers(model_dir, tmp
   save_generation_config(tok, tmp_path, str(source))
   assert json.loads((tmp_path / "generation_config.json").read_text()) == theirs
   assert stop_ids(str(tmp_path), tok) == sorted({eos, 7})
+
+
+def test_help_names_every_flag(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["generate", "--help"])
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and out.startswith("usage: mofo-finetune generate")
+  for flag in ("--prompt", "--messages", "--raw", "--chat-template", "--max-new-tokens"):
+    assert flag in out
+  for flag in ("--temperature", "--top-p", "--seed", "--dtype", "--mesh", "examples:"):
+    assert flag in out
