@@ -31,7 +31,8 @@ examples:
   mofo-finetune generate --model runs/adamw/model --prompt "What is 17 + 25?"   (see generate --help)
 
 exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
-2 a usage or input error (one line naming the flag or file), 130 interrupted (saved).
+2 a usage or input error (one line naming the flag or file), 75 preempted (SIGTERM: every
+process saved the same step; relaunch with --resume), 130 interrupted (saved).
 """
 
 
@@ -231,8 +232,9 @@ def _add_output_flags(g) -> None:
   g.add_argument(
     "--checkpoint-dir",
     default=None,
-    help="orbax checkpoints and run_config.json go here; must be empty or new unless --resume "
-    "or --overwrite",
+    help="orbax checkpoints and run_config.json go here (a local path or gs://BUCKET/PATH; a "
+    "multi-host run needs one every host sees); must be empty or new unless --resume or "
+    "--overwrite",
   )
   g.add_argument(
     "--checkpoint-every",
@@ -390,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return generate.main(argv[1:])
   from mofo_jax.finetune import runner
+  from mofo_jax.finetune.preemption import EXIT_PREEMPTED, Preempted
   from mofo_jax.finetune.run_config import UserError
   from mofo_jax.finetune.train import TrainingDiverged
 
@@ -402,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingDiverged as e:
     print(f"mofo-finetune: error: training diverged: {e}", file=sys.stderr)
     return 1
+  except Preempted as e:
+    print(f"mofo-finetune: preempted: {e}; relaunch with --resume", file=sys.stderr)
+    return EXIT_PREEMPTED
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     return 130
