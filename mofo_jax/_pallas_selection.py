@@ -22,8 +22,9 @@ kernels; each leaf is still read and written once, in place).
 A leaf takes the kernel when it is filtered, has two or more axes, float32 or bfloat16
 gradients and moments, blocks that are whole leaves or slices along leading axes (each layer of
 a stacked ``[layers, d_in, d_out]`` weight) that tile into lane-aligned VMEM tiles, and the
-partition is not global. Every other leaf (and every leaf on more than one device, where the
-kernel would see a gathered operand) goes through the ``fallback`` selection.
+partition is not global. On several devices a leaf takes it shard by shard where its layout
+is known and its shard tiles so (:mod:`mofo_jax._pallas_sharded`). Every other leaf goes
+through the ``fallback`` selection.
 """
 
 from __future__ import annotations

@@ -95,15 +95,18 @@ def shard(
 
 def shards(moments, specs, kernel: str, mesh: Any, pspecs) -> list[Shard | None] | None:
   """Per leaf of a :class:`mofo_jax.MomentUpdate`, its :class:`Shard` (None: the leaf's
-  shards do not suit the kernels), or None when the leaves run whole: one device, or
-  ``kernel="always"`` without a known layout."""
-  if mesh is None and jax.device_count() == 1:
-    return None
+  shards do not suit the kernels, or its layout is unknown), or None when the leaves run
+  whole: on one device, or ``kernel="always"`` without a known layout."""
   found = layout(mesh, pspecs, moments.grads)
-  if found is None:
-    return None if kernel == "always" else [None] * len(specs)
-  m, ps = found
-  return [shard(g.shape, sp, p, m) for g, sp, p in zip(moments.grads, specs, ps)]
+  if found is not None:
+    m, ps = found
+    return [shard(g.shape, sp, p, m) for g, sp, p in zip(moments.grads, specs, ps)]
+  # jax.device_count() is the host's: an ahead-of-time compile for a TPU slice on a CPU host
+  # sees 1, while the arrays' abstract mesh (Auto axes: its size, not the split) says more.
+  sizes = [getattr(getattr(jax.typeof(g).sharding, "mesh", None), "size", 1) for g in moments.grads]
+  if kernel == "always" or (jax.device_count() == 1 and max(sizes, default=1) == 1):
+    return None
+  return [None] * len(specs)
 
 
 def traced(fraction: Any) -> jax.Array | None:

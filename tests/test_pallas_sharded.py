@@ -132,3 +132,20 @@ def test_which_shards_take_the_kernels():
   assert _pallas_sharded.shard((64, 256), heads, P("fsdp"), mesh) is None
   assert _pallas_sharded.shard((6, 256), LEAF, P(None, "tensor"), mesh) is not None
   assert _pallas_sharded.shard((6, 256), LEAF, P("tensor"), mesh) is None
+
+
+def test_auto_never_gives_a_kernel_a_sharded_leaf_it_cannot_see(monkeypatch):
+  """Lowering for a TPU slice on a one-device host: jax.device_count() is 1, but the arrays lie
+  on a mesh of 8 under Auto axes (their split unknown), so no leaf runs whole in a kernel."""
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  mesh = _mesh()
+  seen = []
+
+  def fn(g):
+    moments = _selection.MomentUpdate([g], [g], [g], None, None, jnp.int32(1))
+    seen.append(_pallas_sharded.shards(moments, [LEAF], "auto", None, None))
+    return g
+
+  x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+  jax.jit(fn).lower(x)
+  assert seen == [[None]]
