@@ -3,6 +3,7 @@ simulated CPU devices in interpret mode: bit for bit the XLA selections' results
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -12,7 +13,9 @@ from mofo_jax import _pallas_approx as pa
 from mofo_jax import _pallas_selection as ps
 from mofo_jax import _pallas_sharded
 from mofo_jax import _selection
+from tests import sharded_model as sm
 from tests.test_pallas import LAYERS, _arrays, assert_same
+from tests.test_sharding import _run_sharded
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -149,3 +152,20 @@ def test_auto_never_gives_a_kernel_a_sharded_leaf_it_cannot_see(monkeypatch):
   x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
   jax.jit(fn).lower(x)
   assert seen == [[None]]
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_whole_sharded_steps_equal_one_device(axis_type):
+  """Three jitted MoFO steps of the sharded test model (2-D mesh; per-layer blocks of a stack
+  split by row and column, whole leaves split both ways, vectors on the fallback): params and
+  state equal ExactSelection's on one device, with the state's shardings kept."""
+  partition = sm.PARTITIONS["callable"][0]
+  kw = {"kernel": "always", "interpret": True, "tile_entries": 1024}
+  if axis_type == AxisType.Auto:
+    mesh = sm.mesh("2d", axis_type)
+    kw.update(mesh=mesh, specs=sm.shardings("2d", mesh))
+  opt = lambda sel: mofo_jax.mofo(1e-2, 0.1, weight_decay=0.01, partition=partition, selection=sel)  # noqa: E731
+  p, state, _, _ = _run_sharded("2d", axis_type, opt(ps.PallasSelection(**kw)))
+  p_ref, state_ref = sm.run_unsharded(opt(mofo_jax.ExactSelection()))
+  jax.tree.map(np.testing.assert_array_equal, p, p_ref)
+  jax.tree.map(np.testing.assert_array_equal, state, state_ref)
