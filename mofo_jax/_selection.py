@@ -90,6 +90,20 @@ def keys_to_threshold(keys: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(keys, jnp.float32)
 
 
+def after(keys: jax.Array, token: jax.Array) -> jax.Array:
+  """``keys`` unchanged, but computed only once ``token`` exists.
+
+  ``token`` is a non-negative int32 or a key (below ``2**31``) at run time, which the compiler
+  cannot know, so ``token >> 31`` is a zero it cannot fold away. Tying the keys of one leaf
+  to the result of the previous leaf's pass makes the leaves' passes run one after another,
+  so that the temporaries of only one leaf (an int32 index per entry for a histogram, the
+  comparisons XLA:CPU materialises before a count) are alive at a time; tying them to a loop's
+  carry keeps XLA from hoisting them out of the loop, where every leaf's keys would be
+  materialised for all trips at once.
+  """
+  return keys | (token >> 31).astype(jnp.uint32)
+
+
 def num_to_select(fraction: jax.typing.ArrayLike, n: int) -> jax.Array | int:
   """k = max(1, floor(fraction * n)), exactly for a Python float, in float32 when traced."""
   if isinstance(fraction, (int, float)):
@@ -236,9 +250,11 @@ def _count_search(
   def counts_at(view, base, shift, axes):
     # Candidates extend the known prefix by every non-zero digit; the count at each candidate
     # is a plain reduction, so XLA fuses key computation, comparison and sum into one pass.
+    # The keys depend on the carry (the prefix), so they are recomputed in the pass of every
+    # trip rather than hoisted out of the loop and kept for every leaf at once.
     cands = base[..., None] + (digits << shift)
-    keys = score_keys(view)[..., None]
-    return _counts.count_true(keys >= cands, axes)
+    keys = after(score_keys(view), base)
+    return _counts.count_true(keys[..., None] >= cands, axes)
 
   def body(i, carry):
     prefixes, counts = carry
@@ -394,28 +410,40 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
   above = [jnp.zeros_like(c) for c in init_counts]
   counts = list(init_counts)
   tops = [_KEY_BITS - 1] * len(views)  # |score| clears the sign bit
+
+  def resolve(i, hist):
+    digit, counts[i], above[i] = _resolve_digit(hist, above[i], ks[i])
+    prefixes[i] = prefixes[i] | (digit.astype(jnp.uint32) << lows[i])
+    tops[i] = lows[i]
+
+  # The last histogram made: the next leaf's pass waits for it (see :func:`after`), so only one
+  # leaf's int32 bin indices are alive at a time.
+  token = None
   while any(tops):
     todo = [i for i, t in enumerate(tops) if t > 0]
     lows = {i: max(0, tops[i] - widths[i]) for i in todo}
-    bins = [1 << (tops[i] - lows[i]) for i in todo]
-    # Entries outside the prefix fixed so far go to the dropped bin.
-    bin_ofs = [
-      lambda keys, p=prefixes[i], top=tops[i], low=lows[i], n=n: jnp.where(
-        (keys >> top) == (p >> top), (keys >> low) & (n - 1), n
-      ).astype(jnp.int32)
-      for i, n in zip(todo, bins)
-    ]
-    hists = [
-      _scatter_counts(views[i], reduce_axes[i], n, bin_of)
-      for i, n, bin_of in zip(todo, bins, bin_ofs)
-    ]
+    hists = []
+    for i in todo:
+      n = 1 << (tops[i] - lows[i])
+
+      # Entries outside the prefix fixed so far go to the dropped bin.
+      def bin_of(keys, p=prefixes[i], top=tops[i], low=lows[i], n=n, token=token):
+        if token is not None:
+          keys = after(keys, token)
+        return jnp.where((keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
+
+      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of)
+      if global_block:
+        hists.append(hist)
+        token = jnp.max(hist)
+      else:
+        # Resolved at once, so that the next leaf also waits for this histogram to be freed.
+        resolve(i, hist)
+        token = jnp.max(counts[i])
     if global_block:
       total = sum(h.reshape(-1) for h in hists)
-      hists = [total.reshape(h.shape) for h in hists]
-    for i, h in zip(todo, hists):
-      digit, counts[i], above[i] = _resolve_digit(h, above[i], ks[i])
-      prefixes[i] = prefixes[i] | (digit.astype(jnp.uint32) << lows[i])
-      tops[i] = lows[i]
+      for i, h in zip(todo, hists):
+        resolve(i, total.reshape(h.shape))
   return prefixes, counts
 
 
@@ -640,16 +668,21 @@ def masks_from_thresholds(
   block_masks = [block_mask(scores[i], specs[i], tau) for i, tau in zip(idx, taus)]
   if materialise and idx:
     block_masks = materialised(lambda: block_masks, jnp.min(taus[0]))
+  token = None
   for j, (i, tau) in enumerate(zip(idx, taus)):
     masks[i] = block_masks[j]
     thresholds[i] = tau
-    # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
-    # count: count this leaf's own entries.
-    kept[i] = _counts.to_array(
-      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
-      if counts is None or is_global
-      else _counts.total(counts[j], np.size(scores[i]))
-    )
+    if counts is None or is_global:
+      # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
+      # count: count this leaf's own entries. Each count waits for the previous leaf's (a
+      # count is never negative), so that XLA:CPU, which writes an int32 copy of a mask before
+      # summing it, holds one leaf's copy at a time, not every leaf's.
+      mask = masks[i] if token is None else masks[i] | (token < 0)
+      count = _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
+      token = count.lo
+    else:
+      count = _counts.total(counts[j], np.size(scores[i]))
+    kept[i] = _counts.to_array(count)
   return masks, kept, thresholds
 
 
