@@ -282,6 +282,15 @@ def _count_search(
   return [lo + p for lo, p in zip(lows, prefixes)], counts
 
 
+def count_search_from(views, reduce_axes, ks, init_counts, lows, bits, *, radix_bits=4):
+  """The counting search of per-leaf blocks over keys ``lows + t``, t in ``[0, 2**bits)``, for
+  a search whose higher bits are fixed already (``lows``, block-shaped uint32, with
+  ``init_counts`` entries at or above them): per leaf, the threshold key and its count."""
+  return _count_search(
+    views, reduce_axes, ks, init_counts, False, radix_bits=radix_bits, lows=lows, bits=bits
+  )
+
+
 def bracket_previous(views, reduce_axes, ks, previous, global_block, bracket_bits):
   """One counting pass: per block, the lower end of the bracket of ``2**bracket_bits`` keys
   centred on the ``previous`` threshold's key, the count at it, and whether the k-th largest
@@ -646,6 +655,44 @@ def select_momentum(
     mus, filtered, specs, is_global, fraction, previous=previous
   )
   return mus, nus, masks, kept, thresholds
+
+
+def select_momentum_split(
+  fallback: Selection,
+  moments: MomentUpdate,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  previous: list[jax.Array] | None,
+  take: list[bool],
+  select_leaf: Callable[[int], tuple[jax.Array, jax.Array, jax.Array, _counts.Count]],
+) -> tuple[list, list, list, list, list]:
+  """:func:`select_momentum`'s results, with the leaves ``take`` marks selected one by one by
+  ``select_leaf(i)`` (new m, new v, block-shaped threshold, per-block count: a kernel) and the
+  others by ``fallback``."""
+  rest = [i for i, t in enumerate(take) if not t]
+  pick = lambda xs: [xs[i] for i in rest]
+  sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
+  outs = select_momentum(
+    fallback,
+    sub,
+    pick(filtered),
+    pick(specs),
+    is_global,
+    fraction,
+    previous=None if previous is None else pick(previous),
+  )
+  results = [[None] * len(take) for _ in range(5)]
+  for j, i in enumerate(rest):
+    for r, o in zip(results, outs):
+      r[i] = o[j]
+  for i in (i for i, t in enumerate(take) if t):
+    m, v, tau, count = select_leaf(i)
+    results[0][i], results[1][i], results[4][i] = m, v, tau
+    results[2][i] = block_mask(m, specs[i], tau)
+    results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
+  return tuple(results)
 
 
 def masks_from_thresholds(
