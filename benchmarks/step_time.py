@@ -56,6 +56,11 @@ EXTRA_SELECTIONS = {
   "exact-xla": mofo_jax.ExactSelection(),
   "kernel": mofo_jax.PallasSelection(),
   "kernel-full": mofo_jax.PallasSelection(bracket=False),
+  # ApproxSelection's XLA program, whatever "approx" resolves to.
+  "approx-xla": mofo_jax.ApproxSelection(),
+  # The Pallas Triton kernel (opt-in, "auto": only when lowered for CUDA), the exact XLA path
+  # elsewhere.
+  "kernel-gpu": mofo_jax.TritonSelection(),
 }
 FRACTION = 0.1
 LR = 1e-4
@@ -382,7 +387,8 @@ def main(argv=None):
     default=None,
     help="comma-separated: adamw, topk (lax.top_k baseline), count / count-full (the counting "
     "search with and without the bracket), kernel / kernel-full (mofo_jax.PallasSelection with "
-    "and without the bracket), exact-xla (ExactSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
+    "and without the bracket), exact-xla (ExactSelection), approx-xla (ApproxSelection), kernel-gpu "
+    "(mofo_jax.TritonSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
   )
   parser.add_argument(
     "--compile-only", action="store_true", help="only lower and compile, on abstract shapes"
