@@ -36,6 +36,9 @@ from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
+# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 16 MiB of
+# int32 indices per chunk, a few percent of a large leaf, and few enough loop trips.
+_CHUNK_ENTRIES = 1 << 22
 METHODS = ("auto", "count", "histogram")
 Method = Literal["auto", "count", "histogram"]
 
@@ -361,23 +364,57 @@ def _block_ids(shape, reduce_axes):
   return ids
 
 
+def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  """Rows of the first axis per histogram chunk: the most that divide the axis and keep a chunk
+  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small or its first axis indexes
+  blocks (block ids must not depend on the chunk)."""
+  size = math.prod(shape)
+  if size <= _CHUNK_ENTRIES or 0 not in axes:
+    return shape[0]
+  row = size // shape[0]
+  for rows in range(max(1, _CHUNK_ENTRIES // row), 0, -1):
+    if shape[0] % rows == 0:
+      return rows
+  return shape[0]
+
+
 def _scatter_counts(view, axes, bins, bin_of):
   """Per-block histogram ``[*block_shape, bins]`` of ``bin_of(keys)``; entries whose bin is
-  ``bins`` or more are dropped."""
-  b = bin_of(score_keys(view))
+  ``bins`` or more are dropped.
+
+  XLA:CPU writes the scatter's int32 indices and its ones into buffers of the operand's size:
+  a leaf above ``_CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
+  these temporaries stay a chunk's size whatever the leaf's (two float32 copies of the 1B
+  model's embedding otherwise)."""
   nblocks = math.prod(d for i, d in enumerate(view.shape) if i not in axes)
-  idx = jnp.where(b < bins, _block_ids(view.shape, axes) * bins + b, nblocks * bins)
-  # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
-  # rejected for explicitly sharded operands.
-  hist = lax.scatter_add(
-    jnp.zeros(nblocks * bins, jnp.int32),
-    idx[..., None],
-    jnp.ones(idx.shape, jnp.int32),
-    lax.ScatterDimensionNumbers(
-      update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
-    ),
-    mode=lax.GatherScatterMode.FILL_OR_DROP,
+  dims = lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
   )
+
+  def add(hist, part):
+    b = bin_of(score_keys(part))
+    idx = jnp.where(b < bins, _block_ids(part.shape, axes) * bins + b, nblocks * bins)
+    # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
+    # rejected for explicitly sharded operands.
+    return lax.scatter_add(
+      hist,
+      idx[..., None],
+      jnp.ones(idx.shape, jnp.int32),
+      dims,
+      mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+  zeros = jnp.zeros(nblocks * bins, jnp.int32)
+  rows = _chunk_rows(view.shape, axes)
+  if rows == view.shape[0]:
+    hist = add(zeros, view)
+  else:
+    hist = lax.fori_loop(
+      0,
+      view.shape[0] // rows,
+      lambda c, h: add(h, lax.dynamic_slice_in_dim(view, c * rows, rows, axis=0)),
+      zeros,
+    )
   shape = tuple(1 if i in axes else d for i, d in enumerate(view.shape))
   return hist.reshape(shape + (bins,))
 
