@@ -11,9 +11,9 @@ measured. Needs only jax and optax (no installation):
   PYTHONPATH=. python benchmarks/device_suite.py            # 1b preset, at most 280 s
   PYTHONPATH=. python benchmarks/device_suite.py --preset micro --steps 2   # a CPU smoke run
 
-The default modes are the XLA paths (``exact-xla``, ``approx-xla``) and the kernel paths
-(``kernel``, ``kernel-full``: the Pallas TPU kernels, the same program as ``exact-xla`` off TPU;
-``kernel-gpu``: the Pallas Triton kernel, the same program as ``exact-xla`` off CUDA), each beside
+The default modes are the XLA paths (``exact-xla``, ``approx-xla``) and the platform's kernel
+paths (on TPU ``kernel``, ``kernel-full``: the Pallas TPU kernels; on GPU ``kernel-gpu``: the
+Pallas Triton kernel; on CPU all three, which there run ``exact-xla``'s program), each beside
 optax.adamw. Each mode gets at most ``--timeout`` seconds and at most an equal share of what is
 left of ``--budget``, so that one slow mode cannot leave the next ones nothing.
 """
@@ -28,14 +28,28 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = "exact-xla,approx-xla,kernel,kernel-full,kernel-gpu"
+# The XLA paths and the kernel paths of the platform: off TPU the Pallas TPU modes are
+# exact-xla's program, and off CUDA kernel-gpu is, so only the platform's own kernels are timed.
+MODES = {
+  "gpu": "exact-xla,approx-xla,kernel-gpu",
+  "tpu": "exact-xla,approx-xla,kernel,kernel-full",
+  "cpu": "exact-xla,approx-xla,kernel,kernel-full,kernel-gpu",
+}
+
+
+def default_modes() -> str:
+  """The modes for the platform JAX finds, asked in a subprocess: JAX in this process would
+  take the accelerator's memory from the modes' processes."""
+  probe = [sys.executable, "-c", "import jax; print(jax.default_backend())"]
+  r = subprocess.run(probe, capture_output=True, text=True, check=False, timeout=120)
+  return MODES.get(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "", MODES["cpu"])
 
 
 def run(args) -> dict:
   out = os.environ.get("OUT") or "out"
   os.makedirs(out, exist_ok=True)
   summary_path = os.path.join(out, "device_suite.json")
-  modes = [m for m in args.modes.split(",") if m]
+  modes = [m for m in (args.modes or default_modes()).split(",") if m]
   ours = [summary_path] + [
     os.path.join(out, f"step_{m}.{ext}") for m in modes for ext in ("json", "log")
   ]
@@ -119,7 +133,10 @@ def print_row(mode: str, r: dict) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="1b", help="a benchmarks/step_time.py preset")
-  parser.add_argument("--modes", default=MODES, help=f"comma-separated (default {MODES})")
+  parser.add_argument(
+    "--modes",
+    help=f"comma-separated (default by platform: {', '.join(f'{k}: {v}' for k, v in MODES.items())})",
+  )
   parser.add_argument("--steps", type=int, default=7)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timeout", type=float, default=120, help="seconds per mode, at most")

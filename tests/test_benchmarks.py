@@ -175,8 +175,10 @@ def test_device_suite_writes_every_mode_and_survives_failures(tmp_path):
 def test_device_suite_default_modes_are_step_time_modes():
   """The XLA and kernel modes the suite times by default all build (a typo would only show as an
   error entry on the lent device)."""
-  modes = device_suite.MODES.split(",")
-  assert {"exact-xla", "approx-xla", "kernel", "kernel-full", "kernel-gpu"} <= set(modes)
+  assert device_suite.default_modes() == device_suite.MODES["cpu"]
+  assert "kernel-gpu" in device_suite.MODES["gpu"] and "kernel" in device_suite.MODES["tpu"]
+  modes = set(",".join(device_suite.MODES.values()).split(","))
+  assert {"exact-xla", "approx-xla", "kernel", "kernel-full", "kernel-gpu"} == modes
   for m in modes:
     step_time.make_optimizer(m)
 
