@@ -732,6 +732,20 @@ def select_momentum_split(
   return tuple(results)
 
 
+def _count_mask(mask: jax.Array) -> _counts.Count:
+  """The True entries of ``mask``; a leaf above ``_CHUNK_ENTRIES`` (and under 2**31) counted
+  in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a chunk's size."""
+  rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
+  if not mask.ndim or rows == mask.shape[0] or mask.size >= _counts.INT32_LIMIT:
+    return _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
+
+  def add(c, total):
+    part = lax.dynamic_slice_in_dim(mask, c * rows, rows, axis=0)
+    return total + jnp.sum(part, dtype=jnp.int32)
+
+  return _counts.split(lax.fori_loop(0, mask.shape[0] // rows, add, jnp.int32(0)))
+
+
 def masks_from_thresholds(
   scores: list[jax.Array],
   filtered: list[bool],
@@ -762,7 +776,7 @@ def masks_from_thresholds(
       # count is never negative), so that XLA:CPU, which writes an int32 copy of a mask before
       # summing it, holds one leaf's copy at a time, not every leaf's.
       mask = masks[i] if token is None else masks[i] | (token < 0)
-      count = _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
+      count = _count_mask(mask)
       token = count.lo
     else:
       count = _counts.total(counts[j], np.size(scores[i]))

@@ -256,3 +256,14 @@ def test_large_leaves_histogrammed_in_chunks_give_the_same_mask(monkeypatch, axe
   spec = mofo_jax.BlockSpec(split_axes=axes)
   got = mofo_jax.top_fraction_mask(jnp.asarray(x), 0.1, partition=spec, method="histogram")
   np.testing.assert_array_equal(np.asarray(got), reference.block_mask(x, 0.1, axes))
+
+
+def test_counts_of_large_masks_in_chunks_are_exact(monkeypatch):
+  """The entries kept of a leaf above the chunk size are counted a few rows at a time: the same
+  count (approx's telemetry, which counts its masks)."""
+  from mofo_jax import _selection
+
+  monkeypatch.setattr(_selection, "_CHUNK_ENTRIES", 512)
+  mask = jnp.asarray(np.random.default_rng(1).random((60, 100)) < 0.3)
+  got = mofo_jax.count_value(mofo_jax._counts.to_array(_selection._count_mask(mask)))
+  assert got == int(np.asarray(mask).sum())
