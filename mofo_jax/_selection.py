@@ -369,7 +369,8 @@ def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   within ``_CHUNK_ENTRIES``, or all of them where the leaf is small or its first axis indexes
   blocks (block ids must not depend on the chunk)."""
   size = math.prod(shape)
-  if size <= _CHUNK_ENTRIES or 0 not in axes:
+  # On several devices a chunk of a sharded axis would be gathered: never chunk there.
+  if size <= _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
     return shape[0]
   row = size // shape[0]
   for rows in range(max(1, _CHUNK_ENTRIES // row), 0, -1):
@@ -733,17 +734,25 @@ def select_momentum_split(
 
 
 def _count_mask(mask: jax.Array) -> _counts.Count:
-  """The True entries of ``mask``; a leaf above ``_CHUNK_ENTRIES`` (and under 2**31) counted
-  in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a chunk's size."""
+  """The True entries of ``mask``. On one CPU device a leaf above ``_CHUNK_ENTRIES`` (and under
+  2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
+  chunk's size; XLA:GPU and XLA:TPU fuse the comparison into the sum and need no chunks."""
   rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
-  if not mask.ndim or rows == mask.shape[0] or mask.size >= _counts.INT32_LIMIT:
+
+  def whole():
     return _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
+
+  if not mask.ndim or rows == mask.shape[0] or mask.size >= _counts.INT32_LIMIT:
+    return whole()
 
   def add(c, total):
     part = lax.dynamic_slice_in_dim(mask, c * rows, rows, axis=0)
     return total + jnp.sum(part, dtype=jnp.int32)
 
-  return _counts.split(lax.fori_loop(0, mask.shape[0] // rows, add, jnp.int32(0)))
+  def chunks():
+    return _counts.split(lax.fori_loop(0, mask.shape[0] // rows, add, jnp.int32(0)))
+
+  return lax.platform_dependent(cpu=chunks, default=whole)
 
 
 def masks_from_thresholds(

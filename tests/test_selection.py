@@ -244,13 +244,18 @@ def test_temporaries_are_one_leaf_deep_not_every_leaf():
 
 @pytest.mark.parametrize("axes", [(), (1,), (0,)])
 def test_large_leaves_histogrammed_in_chunks_give_the_same_mask(monkeypatch, axes):
-  """A leaf above the chunk size is histogrammed a few rows at a time (rows chunked only when
-  the first axis is ranked, not when it indexes blocks): same mask as the reference."""
+  """On one device a leaf above the chunk size is histogrammed a few rows at a time (rows
+  chunked only when the first axis is ranked, not when it indexes blocks; never on several
+  devices, where a chunk of a sharded axis would be gathered): same mask as the reference."""
   from mofo_jax import _selection
 
   monkeypatch.setattr(_selection, "_CHUNK_ENTRIES", 512)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)  # one device: the tests run on 8
   assert _selection._chunk_rows((60, 100), (0, 1)) == 5
   assert _selection._chunk_rows((60, 100), (1,)) == 60
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  assert _selection._chunk_rows((60, 100), (0, 1)) == 60
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   x = np.random.default_rng(0).standard_t(2, size=(60, 100)).astype(np.float32)
   x[3, :40] = x[50, 60:] = 7.0  # ties across chunks
   spec = mofo_jax.BlockSpec(split_axes=axes)
@@ -264,6 +269,7 @@ def test_counts_of_large_masks_in_chunks_are_exact(monkeypatch):
   from mofo_jax import _selection
 
   monkeypatch.setattr(_selection, "_CHUNK_ENTRIES", 512)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)  # one device: the tests run on 8
   mask = jnp.asarray(np.random.default_rng(1).random((60, 100)) < 0.3)
   got = mofo_jax.count_value(mofo_jax._counts.to_array(_selection._count_mask(mask)))
   assert got == int(np.asarray(mask).sum())
