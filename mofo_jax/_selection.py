@@ -99,10 +99,8 @@ def after(keys: jax.Array, token: jax.Array) -> jax.Array:
   ``token`` is a non-negative int32 or a key (below ``2**31``) at run time, which the compiler
   cannot know, so ``token >> 31`` is a zero it cannot fold away. Tying the keys of one leaf
   to the result of the previous leaf's pass makes the leaves' passes run one after another,
-  so that the temporaries of only one leaf (an int32 index per entry for a histogram, the
-  comparisons XLA:CPU materialises before a count) are alive at a time; tying them to a loop's
-  carry keeps XLA from hoisting them out of the loop, where every leaf's keys would be
-  materialised for all trips at once.
+  so that the temporaries of only one leaf (an int32 index per entry for a histogram) are
+  alive at a time.
   """
   return keys | (token >> 31).astype(jnp.uint32)
 
@@ -253,11 +251,9 @@ def _count_search(
   def counts_at(view, base, shift, axes):
     # Candidates extend the known prefix by every non-zero digit; the count at each candidate
     # is a plain reduction, so XLA fuses key computation, comparison and sum into one pass.
-    # The keys depend on the carry (the prefix), so they are recomputed in the pass of every
-    # trip rather than hoisted out of the loop and kept for every leaf at once.
     cands = base[..., None] + (digits << shift)
-    keys = after(score_keys(view), base)
-    return _counts.count_true(keys[..., None] >= cands, axes)
+    keys = score_keys(view)[..., None]
+    return _counts.count_true(keys >= cands, axes)
 
   def body(i, carry):
     prefixes, counts = carry
