@@ -405,3 +405,17 @@ def test_changed_entry_counts_are_exact_past_int32():
   partials = [np.full((3,), 2**31 - 1, np.int32)]
   total = sum(int(np.asarray(c, np.int64).sum()) for c in partials)
   assert total == 3 * (2**31 - 1)
+
+
+def test_a_step_with_more_entries_restores_what_is_asked_for(run_dir):
+  """Checkpoints of older runs hold a "reference" entry (the pretrained copy): it is skipped."""
+  import jax.numpy as jnp
+
+  ckpt = checkpointing.RunCheckpoints(run_dir)
+  ckpt.save(2, {"params": {"w": jnp.arange(3.0)}, "reference": {"w": jnp.ones(3)}})
+  step, tree = ckpt.restore_latest({"params": {"w": jnp.zeros(3)}})
+  assert step == 2 and set(tree) == {"params"}
+  np.testing.assert_array_equal(tree["params"]["w"], np.arange(3.0))
+  with pytest.raises(checkpointing.NoIntactCheckpoint, match="step 2"):
+    ckpt.restore_latest({"params": {"w": jnp.zeros(3)}, "opt_state": jnp.zeros(2)})
+  ckpt.close()
