@@ -20,7 +20,7 @@ import gguf
 import jax
 import numpy as np
 
-from mofo_jax.finetune.checkpoints_hf import _HostSource, model_from_hf_tensors
+from mofo_jax.finetune.checkpoints_hf import HostSource, model_from_hf_tensors
 from mofo_jax.finetune.model import LOGICAL_AXIS_RULES, LlamaConfig, LlamaForCausalLM
 from mofo_jax.finetune.tokenizer import TextTokenizer, text_tokenizer_from_gguf
 
@@ -230,7 +230,7 @@ def load_gguf(
       **overrides,
     )
     tensors = _GGUFTensors(reader, config)
-    source = _HostSource(tensors, shape=tensors.shape)
+    source = HostSource(tensors, shape=tensors.shape)
     model = model_from_hf_tensors(config, source, mesh=mesh, rules=rules)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e

@@ -2,8 +2,8 @@
 
 It splits a module into computations of instructions, reads array shapes and their bytes
 (the dtype-size table lives here), follows the computations an instruction calls, and reads the
-trip count of a while loop. ``plan``'s collective accounting and ``benchmarks/hlo_bytes.py``'s
-byte count both read HLO through it.
+trip count of a while loop and a collective's replica groups. ``plan``'s collective accounting
+and ``benchmarks/hlo_bytes.py``'s byte count both read HLO through it.
 
 An instruction line reads ``%name = SHAPE opcode(ARGS), ATTRS``; ``SHAPE`` is an array
 ``dtype[dims]{layout}`` or a tuple of them, and ``ARGS`` names the operands (``%x``), with their
@@ -49,6 +49,10 @@ _CALLS = re.compile(
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _INT_CONSTANT = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = [su]\d+\[\]\S* constant\((-?\d+)\)")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([^}]*)\}")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def arrays(text: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -171,6 +175,33 @@ def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str | None]:
 def attr(attrs: str, key: str) -> str | None:
   """The computation an attribute names (``body=%b`` -> ``%b``), or ``None``."""
   m = re.search(key + r"=(%[\w.\-]+)", attrs)
+  return m.group(1) if m else None
+
+
+def replica_group_size(attrs: str) -> int | None:
+  """Devices per replica group of a collective's attributes (``None``: not stated).
+
+  Example:
+    >>> replica_group_size("channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}")
+    4
+    >>> replica_group_size("replica_groups=[2,4]<=[8]")
+    4
+  """
+  m = _GROUPS_LIST.search(attrs)
+  if m:
+    return len(m.group(1).split(","))
+  m = _GROUPS_MESH.search(attrs)
+  if m:
+    sizes = dict(re.findall(r"'?([\w]+)'?=(\d+)", m.group(1)))
+    chosen = re.findall(r"'?([\w]+)'?", m.group(2))
+    return math.prod(int(sizes[a]) for a in chosen if a in sizes)
+  m = _GROUPS_IOTA.search(attrs)
+  return int(m.group(1)) if m else None
+
+
+def op_name(attrs: str) -> str | None:
+  """The JAX operation an instruction came from (its metadata's ``op_name``), or ``None``."""
+  m = _OP_NAME.search(attrs)
   return m.group(1) if m else None
 
 

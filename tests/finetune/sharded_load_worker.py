@@ -16,6 +16,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from mofo_jax.finetune import checkpoints_hf
+from mofo_jax.finetune.checkpoints_hf import naming as hf_naming
 
 
 def main(process_id: int, port: int, ckpt: str, out: str) -> None:
@@ -28,7 +29,7 @@ def main(process_id: int, port: int, ckpt: str, out: str) -> None:
   )
   assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
   bytes_read = 0
-  real_read = checkpoints_hf._SafetensorsSource.read
+  real_read = checkpoints_hf.SafetensorsSource.read
 
   def counting_read(self, name, index):
     nonlocal bytes_read
@@ -36,10 +37,10 @@ def main(process_id: int, port: int, ckpt: str, out: str) -> None:
     bytes_read += arr.nbytes
     return arr
 
-  checkpoints_hf._SafetensorsSource.read = counting_read
+  checkpoints_hf.SafetensorsSource.read = counting_read
   mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
   config, model = checkpoints_hf.load_hf_checkpoint(ckpt, scan_layers=True, mesh=mesh)
-  checkpoints_hf._SafetensorsSource.read = real_read
+  checkpoints_hf.SafetensorsSource.read = real_read
 
   # every local shard holds the file's values; count the distinct local slices' bytes
   tensors = load_file(Path(ckpt) / "model.safetensors")
@@ -47,14 +48,14 @@ def main(process_id: int, port: int, ckpt: str, out: str) -> None:
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     arr = var.get_value()
     assert not arr.is_fully_addressable
-    names, stacked = checkpoints_hf._hf_names(path, config)
+    names, stacked = hf_naming.hf_names(path, config)
     whole = np.stack([tensors[n] for n in names]) if stacked else tensors[names[0]]
     if path[-1] == "kernel":
       whole = np.swapaxes(whole, -1, -2)
     seen = set()
     for shard in arr.addressable_shards:
       np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index])
-      key = checkpoints_hf._index_key(shard.index, arr.shape)
+      key = hf_naming.index_key(shard.index, arr.shape)
       if key not in seen:
         seen.add(key)
         own += shard.data.nbytes

@@ -176,7 +176,7 @@ _LARGE_STEP = textwrap.dedent("""
     # float32 masters, bfloat16 compute, 16 simulated devices, 2 rows of 256 tokens each.
     config = plan.model_config("llama-3.2-1b", num_hidden_layers=2, dtype="bfloat16",
                                remat=True, scan_layers=True)
-    mesh = plan._make_mesh(plan._cpu_devices(16), {"data": 1, "fsdp": 16, "tensor": 1})
+    mesh = plan.make_mesh(plan.cpu_devices(16), {"data": 1, "fsdp": 16, "tensor": 1})
     out = {}
     for name in ("mofo", "adamw"):
       r, _ = plan.compile_step(config, mesh, name, 32, 256)

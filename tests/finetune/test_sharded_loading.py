@@ -70,7 +70,7 @@ def test_sharded_load_equals_unsharded_and_every_shard_has_its_share(ckpt, shape
 
 def test_no_device_receives_a_whole_tensor_and_each_element_is_read_once(ckpt, monkeypatch):
   puts, reads = [], []
-  real_put, real_read = jax.device_put, checkpoints_hf._SafetensorsSource.read
+  real_put, real_read = jax.device_put, checkpoints_hf.SafetensorsSource.read
 
   def put(x, *args, **kwargs):
     puts.append(np.shape(x))
@@ -82,7 +82,7 @@ def test_no_device_receives_a_whole_tensor_and_each_element_is_read_once(ckpt, m
     return out
 
   monkeypatch.setattr(jax, "device_put", put)
-  monkeypatch.setattr(checkpoints_hf._SafetensorsSource, "read", read)
+  monkeypatch.setattr(checkpoints_hf.SafetensorsSource, "read", read)
   # data=2 replicates every shard twice: the replicas must share one read
   _, model = load_hf_checkpoint(ckpt, scan_layers=True, mesh=_mesh((2, 2, 2)))
   monkeypatch.undo()
@@ -200,7 +200,7 @@ def test_a_mesh_that_does_not_divide_names_axis_and_sizes(overrides, shape, need
 
 
 def test_loading_onto_a_bad_mesh_fails_before_reading(ckpt, monkeypatch):
-  monkeypatch.setattr(checkpoints_hf._SafetensorsSource, "read", None)  # any read would fail
+  monkeypatch.setattr(checkpoints_hf.SafetensorsSource, "read", None)  # any read would fail
   with pytest.raises(ValueError, match="'tensor' of size 8 does not divide num_attention_heads"):
     load_hf_checkpoint(ckpt, mesh=_mesh((1, 1, 8)))
   with pytest.raises(ValueError, match="rules map 'vocab' to mesh axis 'tensor', which the mesh"):
