@@ -56,7 +56,8 @@ def _prepared_key(cfg: RunConfig) -> tuple:
 
 
 def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
-  """``(config, model, TextTokenizer)`` from a GGUF file, a HF directory, or the embedded default.
+  """``(config, model, TextTokenizer)`` from a GGUF file, a HF directory (local or ``gs://``), or
+  the embedded default.
 
   With a ``mesh`` every parameter is created in its sharding on that mesh and each process reads
   only the slices its devices hold (``checkpoints_hf.load_hf_checkpoint``); without one the model
@@ -78,14 +79,14 @@ def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
     "mesh": mesh,
   }
   try:
-    if path is not None and storage.is_remote(path):
+    if path is not None and storage.is_remote(path) and str(path).endswith(".gguf"):
       raise UserError(
-        f"--model {path}: models are read from a local path only; copy it first "
-        f"(gcloud storage cp -r {path} .)."
+        f"--model {path}: a GGUF file is read from a local path only; copy it first "
+        f"(gcloud storage cp {path} .)."
       )
     if path is None or str(path).endswith(".gguf"):
       return gguf_loader.load_gguf(path, **kwargs)
-    directory = Path(path)
+    directory = storage.as_path(path)
     if not directory.is_dir():
       raise UserError(f"--model {path}: neither a .gguf file nor a checkpoint directory.")
     if not (directory / "tokenizer.json").is_file():
