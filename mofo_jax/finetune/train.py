@@ -336,114 +336,169 @@ def run(
   )
   if resume and ckpt is None:
     raise ValueError("resume needs a checkpoint directory.")
-  records: list[dict[str, Any]] = []
-  kept: list[dict[str, Any]] = []
-  if resume and ckpt.latest_step() is not None:
-    step, tree = ckpt.restore_latest(trainer.checkpoint_state(), warn)
-    trainer.load_checkpoint_state(step, tree)
-    for _ in range(step):
-      next(batches)
-  if resume:
-    kept = _kept_metrics(cfg.metrics_path, trainer.state.step) if cfg.metrics_path else []
-    records = [r for r in kept if r.get("kind") == "eval"]
-    baseline = ckpt.read_json(checkpointing.BASELINE)
-    if baseline is not None and not (records and records[0]["step"] == 0):
-      records.insert(0, baseline)
-  writer = _tensorboard(tensorboard_dir)
-  metrics_file = (
-    storage.LineLog(cfg.metrics_path, [json.dumps(r) for r in kept]) if cfg.metrics_path else None
-  )
-
-  def log(record: dict[str, Any]) -> None:
-    if metrics_file:
-      metrics_file.write(json.dumps(record))
-    if writer is not None:
-      for k, v in record.items():
-        if k not in ("step", "kind") and isinstance(v, (int, float)):
-          writer.add_scalar(k, v, record["step"])
-
-  def do_eval() -> None:
-    record = {"kind": "eval", "step": trainer.state.step, **evaluate(trainer)}
-    records.append(record)
-    log(record)
-    if ckpt is not None and record["step"] == 0:
-      ckpt.write_json(checkpointing.BASELINE, record)
-
-  def save() -> None:
-    if not trainer.params_finite():
-      raise TrainingDiverged(
-        f"step {trainer.state.step}: a parameter is NaN or Inf; stopped without saving"
-      )
-    if metrics_file:
-      # Before the step: a resume cuts the metrics back to the step it restores, so they may
-      # run ahead of the checkpoints but never behind.
-      metrics_file.sync()
-    ckpt.save(trainer.state.step, trainer.checkpoint_state())
-
-  bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
+  kept, records = _restore(trainer, batches, cfg, ckpt, warn) if resume else ([], [])
+  loop = _Loop(trainer, batches, cfg, evaluate, ckpt, records, kept, tensorboard_dir, warn)
   interrupted = diverged = False
   try:
-    if cfg.eval_at_start and trainer.state.step == 0 and not records:
-      do_eval()
-    while trainer.state.step < cfg.steps:
-      start = time.perf_counter()
-      try:
-        batch = next(batches)
-      except StopIteration:
-        raise ValueError(
-          f"the data ran out after {trainer.state.step} of {cfg.steps} steps; "
-          "use more examples or more epochs."
-        ) from None
-      metrics = trainer.train_step(batch)
-      metrics["step_time_s"] = time.perf_counter() - start
-      step = trainer.state.step
-      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-        log({"kind": "train", "step": step, **metrics})
-        raise TrainingDiverged(
-          f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
-          "stopped without saving"
-        )
-      if step % cfg.log_every == 0:
-        log({"kind": "train", "step": step, **metrics})
-      bar.update(1)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-      if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-        do_eval()
-      if ckpt and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-        save()
-    if not (records and records[-1]["step"] == trainer.state.step):
-      do_eval()
+    loop.train()
   except KeyboardInterrupt:
     interrupted = True
   except TrainingDiverged:
     diverged = True
     raise
   finally:
-    bar.close()
-    if ckpt is not None:
-      # On Ctrl-C too: everything up to the last finished step is kept; never a diverged state.
-      try:
-        if not diverged and ckpt.latest_step() != trainer.state.step:
-          save()
-      finally:
-        last = ckpt.latest_step()
-        ckpt.close()
-    if metrics_file:
-      metrics_file.close()
-    if writer is not None:
-      writer.close()
-    if diverged and ckpt is not None:
-      warn(
-        "the last good checkpoint is "
-        + (f"step {last} in {cfg.checkpoint_dir}" if last is not None else "none (none was saved)")
-      )
+    loop.close(diverged)
   if interrupted:
     raise KeyboardInterrupt(
       f"stopped at step {trainer.state.step}; checkpoint saved"
       if ckpt
       else f"stopped at step {trainer.state.step}"
     )
-  return records
+  return loop.records
+
+
+def _restore(
+  trainer: Trainer,
+  batches: Iterator[Batch],
+  cfg: LoopConfig,
+  ckpt: checkpointing.RunCheckpoints,
+  warn: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """Resumes from the newest readable checkpoint (if any): skips the batches it consumed.
+
+  Returns:
+    ``(kept, records)``: the metrics file's records up to the restored step, and the
+    evaluation records among them, the baseline first.
+  """
+  if ckpt.latest_step() is not None:
+    step, tree = ckpt.restore_latest(trainer.checkpoint_state(), warn)
+    trainer.load_checkpoint_state(step, tree)
+    for _ in range(step):
+      next(batches)
+  kept = _kept_metrics(cfg.metrics_path, trainer.state.step) if cfg.metrics_path else []
+  records = [r for r in kept if r.get("kind") == "eval"]
+  baseline = ckpt.read_json(checkpointing.BASELINE)
+  if baseline is not None and not (records and records[0]["step"] == 0):
+    records.insert(0, baseline)
+  return kept, records
+
+
+class _Loop:
+  """One call of ``run``: the steps, and where their metrics, evaluations and checkpoints go."""
+
+  def __init__(
+    self,
+    trainer: Trainer,
+    batches: Iterator[Batch],
+    cfg: LoopConfig,
+    evaluate: Callable[[Trainer], dict[str, float]],
+    ckpt: checkpointing.RunCheckpoints | None,
+    records: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    tensorboard_dir: str | None,
+    warn: Callable[[str], None],
+  ):
+    self.trainer, self.batches, self.cfg, self._evaluate = trainer, batches, cfg, evaluate
+    self.ckpt, self.records, self.warn = ckpt, records, warn
+    self.writer = _tensorboard(tensorboard_dir)
+    self.metrics_file = (
+      storage.LineLog(cfg.metrics_path, [json.dumps(r) for r in kept]) if cfg.metrics_path else None
+    )
+    self.bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
+
+  def log(self, record: dict[str, Any]) -> None:
+    """Writes a record to the metrics file and its numbers to TensorBoard."""
+    if self.metrics_file:
+      self.metrics_file.write(json.dumps(record))
+    if self.writer is not None:
+      for k, v in record.items():
+        if k not in ("step", "kind") and isinstance(v, (int, float)):
+          self.writer.add_scalar(k, v, record["step"])
+
+  def evaluate(self) -> None:
+    """Evaluates and records; the step-0 record (the baseline) is kept beside the checkpoints."""
+    record = {"kind": "eval", "step": self.trainer.state.step, **self._evaluate(self.trainer)}
+    self.records.append(record)
+    self.log(record)
+    if self.ckpt is not None and record["step"] == 0:
+      self.ckpt.write_json(checkpointing.BASELINE, record)
+
+  def save(self) -> None:
+    """Checkpoints the current step, unless a parameter is NaN or Inf."""
+    trainer = self.trainer
+    if not trainer.params_finite():
+      raise TrainingDiverged(
+        f"step {trainer.state.step}: a parameter is NaN or Inf; stopped without saving"
+      )
+    if self.metrics_file:
+      # Before the step: a resume cuts the metrics back to the step it restores, so they may
+      # run ahead of the checkpoints but never behind.
+      self.metrics_file.sync()
+    self.ckpt.save(trainer.state.step, trainer.checkpoint_state())
+
+  def train(self) -> None:
+    """The steps up to ``cfg.steps``, with the evaluations at the start and the end."""
+    cfg, trainer = self.cfg, self.trainer
+    if cfg.eval_at_start and trainer.state.step == 0 and not self.records:
+      self.evaluate()
+    while trainer.state.step < cfg.steps:
+      self.step()
+    if not (self.records and self.records[-1]["step"] == trainer.state.step):
+      self.evaluate()
+
+  def step(self) -> None:
+    """One optimizer step, then its log line and the evaluation and checkpoint it is due."""
+    cfg, trainer = self.cfg, self.trainer
+    start = time.perf_counter()
+    try:
+      batch = next(self.batches)
+    except StopIteration:
+      raise ValueError(
+        f"the data ran out after {trainer.state.step} of {cfg.steps} steps; "
+        "use more examples or more epochs."
+      ) from None
+    metrics = trainer.train_step(batch)
+    metrics["step_time_s"] = time.perf_counter() - start
+    step = trainer.state.step
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+      self.log({"kind": "train", "step": step, **metrics})
+      raise TrainingDiverged(
+        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+        "stopped without saving"
+      )
+    if step % cfg.log_every == 0:
+      self.log({"kind": "train", "step": step, **metrics})
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+      self.evaluate()
+    if self.ckpt and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+      self.save()
+
+  def close(self, diverged: bool) -> None:
+    """Saves the last finished step (on Ctrl-C too; never a diverged state) and closes."""
+    self.bar.close()
+    ckpt = self.ckpt
+    if ckpt is not None:
+      try:
+        if not diverged and ckpt.latest_step() != self.trainer.state.step:
+          self.save()
+      finally:
+        last = ckpt.latest_step()
+        ckpt.close()
+    if self.metrics_file:
+      self.metrics_file.close()
+    if self.writer is not None:
+      self.writer.close()
+    if diverged and ckpt is not None:
+      self.warn(
+        "the last good checkpoint is "
+        + (
+          f"step {last} in {self.cfg.checkpoint_dir}"
+          if last is not None
+          else "none (none was saved)"
+        )
+      )
 
 
 def _progress(total: int, initial: int, enabled: bool):
