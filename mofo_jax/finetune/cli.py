@@ -42,16 +42,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  """The command-line interface."""
-  from mofo_jax.finetune.optimizers import OPTIMIZERS
-  from mofo_jax.finetune.run_config import DTYPES
-
+  """The command-line interface: one function per flag group, in the order ``--help`` shows."""
   p = _Parser(
     prog="mofo-finetune",
     description=DESCRIPTION,
     epilog=EXAMPLES,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
+  _add_model_flags(p)
+  _add_data_flags(p)
+  _add_user_data_flags(p)
+  _add_optimizer_flags(p)
+  g = _add_run_flags(p)
+  _add_mesh_flags(g)
+  _add_output_flags(g)
+  return p
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+  """Which model, in which dtypes, and how its layers are compiled."""
+  from mofo_jax.finetune.run_config import DTYPES
+
   g = p.add_argument_group("model")
   g.add_argument(
     "--model",
@@ -87,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="stack the layers and scan over them: compiles several times faster; MoFO still ranks "
     "each layer's matrices separately (--no-scan-layers for the hft optimizer)",
   )
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+  """The data (arithmetic or the user's file), its batches, and the forgetting measures."""
   g = p.add_argument_group("data")
   g.add_argument(
     "--data",
@@ -133,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="batches of pydoc / Bible text scored for forgetting, besides the general-knowledge "
     "cloze prompts; 0 measures neither (default: 2)",
   )
-  _add_user_data_flags(p)
+
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
+  """The optimizer, its learning-rate schedule and clipping."""
+  from mofo_jax.finetune.optimizers import OPTIMIZERS
+
   g = p.add_argument_group("optimizer")
   g.add_argument("--optimizer", choices=OPTIMIZERS, default="mofo", help="(default: mofo)")
   g.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
@@ -153,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     "keeps the horizon it started with)",
   )
   g.add_argument("--clip-norm", type=float, default=1.0, help="0 disables (default: 1.0)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser):
+  """How long to train, how often to evaluate; returns the "run" group for the flags below."""
   g = p.add_argument_group("run")
   g.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
   g.add_argument(
@@ -162,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     help="evaluate every N steps besides the start and the end (default: never)",
   )
   g.add_argument("--seed", type=int, default=0, help="data order and ablation seed")
+  return g
+
+
+def _add_mesh_flags(g) -> None:
+  """The device mesh and the processes of a multi-host run (in the "run" group)."""
   g.add_argument(
     "--mesh",
     default="data=-1",
@@ -187,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     default=300,
     help="with --distributed: seconds to wait for every process to connect (default: 300)",
   )
+
+
+def _add_output_flags(g) -> None:
+  """Where results and checkpoints go, resuming and overwriting (in the "run" group)."""
   g.add_argument(
     "--output-dir",
     default=None,
@@ -227,7 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     "--checkpoint-dir (other files there are kept)",
   )
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
-  return p
 
 
 def _add_user_data_flags(p: argparse.ArgumentParser) -> None:
