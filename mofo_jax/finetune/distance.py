@@ -106,7 +106,8 @@ class InHostMemory:
       for shard in x.addressable_shards:
         key = _key(shard.index, x.shape)
         if key not in slices:
-          slices[key] = np.asarray(shard.data)
+          # A copy: on CPU np.asarray would be a view that keeps the device buffer alive.
+          slices[key] = np.array(shard.data, copy=True)
       self._leaves.append((x.shape, x.sharding, slices))
 
   @property
