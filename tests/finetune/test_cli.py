@@ -109,6 +109,7 @@ def test_help_reads_well(capsys):
     "--compute-dtype",
     "--truncate",
     "--distributed-timeout",
+    "--distance-metrics",
     "SmolLM2",
   ):
     assert flag in out
@@ -129,6 +130,7 @@ def test_arithmetic_run_writes_metrics_summary_config_and_model(trained):
   saved = json.loads((out / "run_config.json").read_text())
   assert saved == json.loads((ckpt / "run_config.json").read_text()) == summary["config"]
   assert RunConfig.from_dict(saved).steps == 4
+  assert len(saved["model"]["fingerprint"]) == 64  # the pretrained weights' hash
   config, _ = checkpoints_hf.load_hf_checkpoint(out / "model")
   assert config.hidden_size == 32
 
@@ -248,6 +250,34 @@ def test_resume_refuses_settings_that_change_the_optimization(trained, model_dir
   other = cli.config_from_args(cli.build_parser().parse_args(base + ["--decay-steps", "8"]))
   with pytest.raises(UserError, match="optimizer.total_steps: 4 -> 8"):
     runner.check_outputs(runner._resolved(other))
+
+
+def test_resume_refuses_a_model_with_other_weights(trained, model_dir, tmp_path, capsys):
+  """The pretrained copy is re-read from --model on resume (checkpoints do not hold it): a model
+  whose weights differ from the recorded fingerprint is refused in one line, nothing written."""
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+
+  out, ckpt = copy_run(trained, tmp_path)
+  recorded = json.loads((ckpt / "run_config.json").read_text())["model"]["fingerprint"]
+  assert len(recorded) == 64
+  other = tmp_path / "other"
+  shutil.copytree(model_dir, other)
+  tensors = load_file(other / "model.safetensors")
+  name = sorted(tensors)[0]
+  flat = tensors[name].reshape(-1).copy()
+  flat[0] = np.nextafter(flat[0], np.float32(np.inf))  # one entry, one ulp
+  tensors[name] = flat.reshape(tensors[name].shape)
+  save_file(tensors, other / "model.safetensors")
+  # The same path as the run's model, which changed in place (another path is refused anyway).
+  saved = json.loads((ckpt / "run_config.json").read_text())
+  saved["model"]["path"] = str(other)
+  (ckpt / "run_config.json").write_text(json.dumps(saved))
+  before = snapshot(ckpt)
+  base = [*TINY, "--steps", "6", "--eval-every", "2", "--checkpoint-dir", str(ckpt), "--resume"]
+  line = user_error(["--model", str(other), *base], capsys)
+  assert "its weights are not those the run" in line and "--allow-config-change" in line
+  assert snapshot(ckpt) == before
 
 
 def test_resume_needs_an_existing_checkpoint_dir(model_dir, tmp_path, capsys):
