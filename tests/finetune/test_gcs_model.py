@@ -97,3 +97,11 @@ def test_a_random_model_round_trips_through_gcs(tmp_path, gcs_dir):
     jax.tree.leaves(nnx.state(back, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_plan_reads_a_gs_models_config(models):
+  from mofo_jax.finetune import plan
+
+  local, remote = models
+  assert plan.model_config(str(remote)) == plan.model_config(str(local))
+  assert plan.model_config(str(remote / "config.json")).hidden_size == 32
