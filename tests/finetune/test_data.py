@@ -547,6 +547,25 @@ def test_eval_batches_are_fixed_spread_windows(tokenizer):
     assert (b["positions"] == np.arange(32)).all()
 
 
+def test_eval_batches_tokenize_a_text_once_per_tokenizer(tokenizer, monkeypatch):
+  calls = []
+  real = corpora._encode_long
+  monkeypatch.setattr(corpora, "_encode_long", lambda tok, text: calls.append(1) or real(tok, text))
+  text = "".join(f"line {i} of a text no other test tokenizes\n" for i in range(200))
+  first = eval_batches(tokenizer, text, seq_len=8, num_batches=2, batch_size=2)
+  again = eval_batches(tokenizer, text, seq_len=8, num_batches=2, batch_size=2)
+  assert len(calls) == 1
+  for b, b2 in zip(first, again):
+    for k in BATCH_KEYS:
+      np.testing.assert_array_equal(b[k], b2[k])
+  # Another text, or another tokenizer of the same text, is tokenized again.
+  eval_batches(tokenizer, text[1:], seq_len=8, num_batches=2, batch_size=2)
+  other = Tokenizer.from_str(tokenizer.to_str())
+  other.add_special_tokens(["<|another|>"])
+  eval_batches(other, text, seq_len=8, num_batches=2, batch_size=2)
+  assert len(calls) == 3
+
+
 def test_eval_batches_too_short_text(tokenizer):
   with pytest.raises(ValueError, match="windows"):
     eval_batches(tokenizer, "a short text", seq_len=8, num_batches=2, batch_size=2)

@@ -14,6 +14,7 @@ from mofo_jax.finetune.plan.report import figures_json, format_report
 from mofo_jax.finetune.plan.targets import (
   HBM_GIB,
   PlanError,
+  Target,
   check_mesh,
   cpu_devices,
   make_mesh,
@@ -93,31 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
   """Compiles what ``args`` describe; returns the printed report and the results."""
-  from mofo_jax.finetune.optimizers import OPTIMIZERS
-
   target = parse_target(args.topology, args.devices, args.chip)
   sizes = resolve_mesh(args.mesh, target.devices)
   batch = args.batch_size if args.batch_size is not None else sizes["data"] * sizes["fsdp"]
-  names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
-  for n in names:
-    if n not in OPTIMIZERS:
-      raise PlanError(f"--optimizer {n!r}: known optimizers are {', '.join(OPTIMIZERS)}")
-  if "hft" in names and not args.no_scan_layers:
-    raise PlanError("--optimizer hft needs --no-scan-layers")
-  if args.seq_len < 1 or batch < 1 or args.grad_accum < 1:
-    raise PlanError("--batch-size, --seq-len and --grad-accum must be positive")
-  if batch % (args.grad_accum * sizes["data"] * sizes["fsdp"]):
-    raise PlanError(
-      f"--batch-size {batch} is not a multiple of grad_accum x data x fsdp = "
-      f"{args.grad_accum * sizes['data'] * sizes['fsdp']}"
-    )
-  if args.json and Path(args.json).exists():
-    raise PlanError(f"--json {args.json}: the file exists; give a new name")
+  names = _optimizer_names(args)
+  _check_sizes(args, sizes, batch)
   param_dtype = args.param_dtype or args.dtype or "float32"
   compute_dtype = args.compute_dtype or args.dtype or "bfloat16"
   overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
-  if args.layers is not None and args.layers < 1:
-    raise PlanError("--layers must be positive")
   config = model_config(
     args.model,
     **overrides,
@@ -127,16 +111,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     scan_layers=not args.no_scan_layers,
   )
   check_mesh(config, sizes, target.devices, batch)
-  devices = None
-  if args.platform != "cpu" and target.topology is not None:
-    devices = tpu_devices(target.topology)
-    if devices is None and args.platform == "tpu":
-      raise PlanError("--platform tpu needs libtpu: pip install 'mofo-jax[tpu-plan]'")
-  if args.platform == "tpu" and target.topology is None:
-    raise PlanError("--platform tpu needs --topology")
-  on_tpu = devices is not None
-  if not on_tpu:
-    devices = cpu_devices(target.devices)
+  devices, on_tpu = _devices(args.platform, target)
   mesh = make_mesh(devices, sizes)
   hbm = HBM_GIB.get(target.generation) if target.generation else None
   if on_tpu:
@@ -152,6 +127,67 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     + f"; params {param_dtype}, compute {compute_dtype}, moments float32; remat {args.remat}; "
     + ("separate layers" if args.no_scan_layers else "scanned layers"),
   ]
+  results = _compile_all(args, config, mesh, names, batch)
+  seqs = [args.seq_len, min(args.seq_len, args.loss_chunk or 512)]
+  for r in results:
+    bad = global_batch_gathers(r.collectives, batch // args.grad_accum, seqs)
+    if bad and batch // args.grad_accum > 1 and sizes["data"] * sizes["fsdp"] > 1:
+      header.append(
+        f"warning: {r.optimizer}: {len(bad)} all-gathers assemble the global batch, e.g. "
+        f"{bad[0].shapes}"
+      )
+  if hbm is not None and not on_tpu:
+    header.append(f"HBM per device assumed: {hbm} GiB ({target.generation})")
+  report = format_report(header, results, hbm)
+  if args.json:
+    Path(args.json).write_text(figures_json(header, results, hbm))
+  return report, results
+
+
+def _optimizer_names(args: argparse.Namespace) -> list[str]:
+  """The ``--optimizer`` list, each a known optimizer this layout can compile."""
+  from mofo_jax.finetune.optimizers import OPTIMIZERS
+
+  names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
+  for n in names:
+    if n not in OPTIMIZERS:
+      raise PlanError(f"--optimizer {n!r}: known optimizers are {', '.join(OPTIMIZERS)}")
+  if "hft" in names and not args.no_scan_layers:
+    raise PlanError("--optimizer hft needs --no-scan-layers")
+  return names
+
+
+def _check_sizes(args: argparse.Namespace, sizes: dict[str, int], batch: int) -> None:
+  """The batch, sequence, accumulation and layer counts, and a new ``--json`` file."""
+  if args.seq_len < 1 or batch < 1 or args.grad_accum < 1:
+    raise PlanError("--batch-size, --seq-len and --grad-accum must be positive")
+  if batch % (args.grad_accum * sizes["data"] * sizes["fsdp"]):
+    raise PlanError(
+      f"--batch-size {batch} is not a multiple of grad_accum x data x fsdp = "
+      f"{args.grad_accum * sizes['data'] * sizes['fsdp']}"
+    )
+  if args.json and Path(args.json).exists():
+    raise PlanError(f"--json {args.json}: the file exists; give a new name")
+  if args.layers is not None and args.layers < 1:
+    raise PlanError("--layers must be positive")
+
+
+def _devices(platform: str, target: Target) -> tuple[list, bool]:
+  """The devices to compile for, and whether they are libtpu's (else simulated CPUs)."""
+  devices = None
+  if platform != "cpu" and target.topology is not None:
+    devices = tpu_devices(target.topology)
+    if devices is None and platform == "tpu":
+      raise PlanError("--platform tpu needs libtpu: pip install 'mofo-jax[tpu-plan]'")
+  if platform == "tpu" and target.topology is None:
+    raise PlanError("--platform tpu needs --topology")
+  if devices is not None:
+    return devices, True
+  return cpu_devices(target.devices), False
+
+
+def _compile_all(args, config, mesh, names: list[str], batch: int) -> list[PlanResult]:
+  """Compiles the step for each optimizer; with ``--save-hlo``, writes each one's HLO."""
   hlo_dir = Path(args.save_hlo) if args.save_hlo else None
   if hlo_dir is not None:
     clash = [hlo_dir / f"{n}.hlo.txt" for n in names if (hlo_dir / f"{n}.hlo.txt").exists()]
@@ -173,20 +209,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     if hlo_dir is not None and compiled is not None:
       hlo_dir.mkdir(parents=True, exist_ok=True)
       (hlo_dir / f"{n}.hlo.txt").write_text(compiled.as_text())
-  seqs = [args.seq_len, min(args.seq_len, args.loss_chunk or 512)]
-  for r in results:
-    bad = global_batch_gathers(r.collectives, batch // args.grad_accum, seqs)
-    if bad and batch // args.grad_accum > 1 and sizes["data"] * sizes["fsdp"] > 1:
-      header.append(
-        f"warning: {r.optimizer}: {len(bad)} all-gathers assemble the global batch, e.g. "
-        f"{bad[0].shapes}"
-      )
-  if hbm is not None and not on_tpu:
-    header.append(f"HBM per device assumed: {hbm} GiB ({target.generation})")
-  report = format_report(header, results, hbm)
-  if args.json:
-    Path(args.json).write_text(figures_json(header, results, hbm))
-  return report, results
+  return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
