@@ -25,11 +25,19 @@ def _trees(dtype=jnp.float32):
   after = {
     k: v + (rng.random(v.shape) < 0.3) * rng.standard_normal(v.shape) for k, v in before.items()
   }
-  place = lambda tree: {
-    k: jax.device_put(jnp.asarray(v, dtype), NamedSharding(mesh, specs[k])) for k, v in tree.items()
-  }
+
+  def place(tree):
+    # Every process (tests/finetune/distance_worker.py runs two) hands over its devices' slices.
+    host = {k: np.asarray(jnp.asarray(v, dtype)) for k, v in tree.items()}
+    sharding = {k: NamedSharding(mesh, specs[k]) for k in host}
+    return {
+      k: jax.make_array_from_callback(v.shape, sharding[k], lambda i, v=v: v[i])
+      for k, v in host.items()
+    }
+
   b, a = place(before), place(after)
-  diffs = [np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64) for k in sorted(a)]
+  cast = lambda v: np.asarray(jnp.asarray(v, dtype), np.float64)
+  diffs = [cast(after[k]) - cast(before[k]) for k in sorted(after)]
   want = {
     "l2_from_pretrained": float(np.sqrt(sum((d**2).sum() for d in diffs))),
     "fraction_changed": sum(int((d != 0).sum()) for d in diffs) / sum(d.size for d in diffs),
@@ -95,3 +103,31 @@ def test_changed_entry_counts_are_exact_past_int32():
     jax.eval_shape(distance.count_nonzero_exact, jax.ShapeDtypeStruct((8192, 4096), bool)).shape
     == ()
   )
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one():
+  """Two processes (4 devices each, the same 2x4 mesh): the same fingerprint, the same metrics
+  with either copy, and each process keeps only its own slices on the host."""
+  import json
+
+  from tests.processes import run_workers
+
+  logs = run_workers("tests.finetune.distance_worker", num=2, devices=4, timeout=240)
+  results = [
+    json.loads(x[len("RESULT ") :])
+    for log in logs
+    for x in log.splitlines()
+    if x.startswith("RESULT ")
+  ]
+  assert len(results) == 2, logs
+  before, after, want = _trees()
+  one_copy = distance.pretrained_copy("host", before)
+  for r in results:
+    assert r["fingerprint"] == distance.fingerprint(before)
+    assert r["device"] == r["host"]
+    assert r["device"]["fraction_changed"] == want["fraction_changed"]
+    np.testing.assert_allclose(
+      r["device"]["l2_from_pretrained"], want["l2_from_pretrained"], rtol=1e-5
+    )
+    assert r["host_bytes"] < one_copy.nbytes
