@@ -451,3 +451,32 @@ def test_parameter_and_compute_dtypes_reach_the_model(flags, param, compute, mod
   config, model, _ = runner.load_model(cfg.model)
   assert (config.param_dtype.name, config.dtype.name) == (param, compute)
   assert model.model.embed_tokens.embedding[...].dtype.name == param
+
+
+@pytest.mark.slow
+def test_host_and_off_runs_keep_no_pretrained_copy_on_the_devices(model_dir, monkeypatch):
+  """While the loop runs, the devices hold the params, the optimizer state and the model's other
+  state; with --distance-metrics device one more copy of the params. The loaded model is not kept
+  besides (without dropping it, every mode would hold that copy)."""
+  import gc
+
+  import jax
+
+  from mofo_jax.finetune import train
+
+  loop, live = train.run, {}
+
+  def measured(trainer, *args, **kwargs):
+    gc.collect()
+    live[mode] = sum(x.nbytes for x in jax.live_arrays())
+    return loop(trainer, *args, **kwargs)
+
+  monkeypatch.setattr(train, "run", measured)
+  for mode in ("device", "host", "off"):
+    argv = ["--model", str(model_dir), *TINY, "--steps", "1", "--distance-metrics", mode]
+    result = runner.run(cli.config_from_args(cli.build_parser().parse_args(argv)), log=lambda _: 0)
+    params = sum(x.nbytes for x in jax.tree.leaves(result.trainer.state.params))
+    assert ("l2_from_pretrained" in result.records[-1]) == (mode != "off")
+    del result
+  assert live["host"] == live["off"]
+  assert live["device"] - live["host"] == params
