@@ -30,7 +30,8 @@ examples:
   mofo-finetune plan --model llama-3.1-8b --topology v5e:4x4   (memory and fit; see plan --help)
 
 exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
-2 a usage or input error (one line naming the flag or file), 130 interrupted (saved).
+2 a usage or input error (one line naming the flag or file), 75 preempted (SIGTERM: every
+process saved the same step; relaunch with --resume), 130 interrupted (saved).
 """
 
 
@@ -241,8 +242,9 @@ def _add_output_flags(g) -> None:
   g.add_argument(
     "--checkpoint-dir",
     default=None,
-    help="orbax checkpoints and run_config.json go here; must be empty or new unless --resume "
-    "or --overwrite",
+    help="orbax checkpoints and run_config.json go here (a local path or gs://BUCKET/PATH; a "
+    "multi-host run needs one every host sees); must be empty or new unless --resume or "
+    "--overwrite",
   )
   g.add_argument(
     "--checkpoint-every",
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return plan.main(argv[1:])
   from mofo_jax.finetune import runner
+  from mofo_jax.finetune.preemption import EXIT_PREEMPTED, Preempted
   from mofo_jax.finetune.run_config import UserError
   from mofo_jax.finetune.train import TrainingDiverged
 
@@ -409,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingDiverged as e:
     print(f"mofo-finetune: error: training diverged: {e}", file=sys.stderr)
     return 1
+  except Preempted as e:
+    print(f"mofo-finetune: preempted: {e}; relaunch with --resume", file=sys.stderr)
+    return EXIT_PREEMPTED
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     return 130

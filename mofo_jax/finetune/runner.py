@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -338,6 +339,24 @@ def check_outputs(cfg: RunConfig) -> RunConfig:
   return cfg
 
 
+def _require_shared(directory: str) -> None:
+  """Refuses a checkpoint directory that not every process of the run sees.
+
+  Raises:
+    UserError: on every process, naming the processes that do not see it.
+  """
+  import jax
+
+  blind = checkpointing.processes_not_sharing(directory)
+  if blind:
+    raise UserError(
+      f"--checkpoint-dir {directory}: process(es) {', '.join(map(str, blind))} of "
+      f"{jax.process_count()} cannot see the files process 0 writes there (each host's own "
+      "disk?), so no host would hold a whole checkpoint; use a directory every host "
+      "shares, e.g. gs://BUCKET/PATH."
+    )
+
+
 def _with_fingerprint(cfg: RunConfig, model) -> RunConfig:
   """``cfg`` with the pretrained weights' fingerprint; a resume refuses other weights.
 
@@ -402,6 +421,8 @@ def run(
     UserError: a setting, flag or file that cannot be used (the message names it).
     mofo_jax.finetune.train.TrainingDiverged: the loss became NaN or Inf.
     KeyboardInterrupt: on Ctrl-C, after the last finished step was saved.
+    mofo_jax.finetune.preemption.Preempted: on SIGTERM, after every process saved one agreed
+      step.
   """
   cfg.validate()
   if cfg.distributed.enabled:
@@ -412,7 +433,13 @@ def run(
   from mofo_jax.finetune import data as data_lib
 
   started = time.perf_counter()
-  cfg = check_outputs(_resolved(cfg))
+  cfg = _resolved(cfg)
+  ckpt = cfg.output.checkpoint_dir
+  # Before check_outputs: on per-host disks each process would judge its own directory
+  # differently. Not in the input model, which check_outputs refuses without writing there.
+  if ckpt and not (cfg.model.path and storage.overlap(ckpt, cfg.model.path)):
+    _require_shared(ckpt)
+  cfg = check_outputs(cfg)
   lead = jax.process_index() == 0  # the process that writes files and prints
   d = cfg.data
   try:
@@ -509,13 +536,21 @@ def _save_model(trainer, prepared, target, lead: bool) -> None:
   """
   from mofo_jax.finetune import checkpoints_hf, tokenizer
 
-  with tempfile.TemporaryDirectory(prefix="mofo-model-") as staging:
-    local = Path(staging) / "model" if storage.is_remote(target) else target
-    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, local)
+  if not storage.is_remote(target):
+    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, target)
     if lead:
-      tokenizer.save_tokenizer(prepared.tokenizer, local)
-      if local != target:
-        storage.upload_dir(local, target, last="config.json")
+      tokenizer.save_tokenizer(prepared.tokenizer, target)
+    return
+  # Every process passes the same path (the save synchronises on it); process 0 alone writes.
+  staging = Path(tempfile.gettempdir()) / f"mofo-model-{checkpointing.common_token()}"
+  try:
+    checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, staging / "model")
+    if lead:
+      tokenizer.save_tokenizer(prepared.tokenizer, staging / "model")
+      storage.upload_dir(staging / "model", target, last="config.json")
+  finally:
+    if lead:
+      shutil.rmtree(staging, ignore_errors=True)
 
 
 def format_summary(before: dict, after: dict, wall: float) -> str:

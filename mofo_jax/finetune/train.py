@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
-from mofo_jax.finetune import checkpointing, distance, optimizers, storage
+from mofo_jax.finetune import checkpointing, distance, optimizers, preemption, storage
 from mofo_jax.finetune.step import make_train_step
 
 Batch = Mapping[str, np.ndarray]
@@ -267,7 +267,7 @@ def run(
   tensorboard_dir: str | None = None,
   warn: Callable[[str], None] = print,
 ) -> list[dict[str, float]]:
-  """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C saves.
+  """Trains for ``cfg.steps`` steps, evaluating, logging and checkpointing; Ctrl-C and SIGTERM save.
 
   With ``resume`` the newest readable checkpoint in ``cfg.checkpoint_dir`` is restored (an
   unreadable newer step is moved aside with a warning), the batches already consumed are
@@ -277,6 +277,9 @@ def run(
 
   A NaN or Inf loss, gradient norm or parameter stops the run with ``TrainingDiverged`` and
   saves nothing: the last checkpoint on disk is the last good state.
+
+  On SIGTERM (a preempted VM) every process stops after one step they agree on (see
+  :mod:`~mofo_jax.finetune.preemption`), saves it, and ``Preempted`` is raised.
 
   Args:
     trainer: the trainer (its state is advanced in place).
@@ -294,6 +297,7 @@ def run(
   Raises:
     TrainingDiverged: a non-finite loss, gradient norm or parameter.
     KeyboardInterrupt: on Ctrl-C, after saving the last finished step.
+    mofo_jax.finetune.preemption.Preempted: on SIGTERM, after saving the agreed step.
   """
   ckpt = (
     checkpointing.RunCheckpoints(cfg.checkpoint_dir, cfg.keep_checkpoints)
@@ -314,6 +318,11 @@ def run(
     raise
   finally:
     loop.close(diverged)
+  if loop.preempted:
+    raise preemption.Preempted(
+      f"SIGTERM: stopped at step {trainer.state.step}"
+      + ("; checkpoint saved" if ckpt else "; nothing saved (no checkpoint directory)")
+    )
   if interrupted:
     raise KeyboardInterrupt(
       f"stopped at step {trainer.state.step}; checkpoint saved"
@@ -371,6 +380,8 @@ class _Loop:
       storage.LineLog(cfg.metrics_path, [json.dumps(r) for r in kept]) if cfg.metrics_path else None
     )
     self.bar = _progress(cfg.steps, trainer.state.step, cfg.progress)
+    self.watch = preemption.PreemptionWatch().start()
+    self.preempted = False
 
   def log(self, record: dict[str, Any]) -> None:
     """Writes a record to the metrics file and its numbers to TensorBoard."""
@@ -407,8 +418,14 @@ class _Loop:
     cfg, trainer = self.cfg, self.trainer
     if cfg.eval_at_start and trainer.state.step == 0 and not self.records:
       self.evaluate()
-    while trainer.state.step < cfg.steps:
+    # Asked before the first step too: JAX's sync point is one past the step a process last
+    # reported, so a notice during the first step must find this run's step, not 0.
+    self.preempted = self.watch.reached(trainer.state.step)
+    while not self.preempted and trainer.state.step < cfg.steps:
       self.step()
+      self.preempted = self.watch.reached(trainer.state.step)
+    if self.preempted:
+      return
     if not (self.records and self.records[-1]["step"] == trainer.state.step):
       self.evaluate()
 
@@ -443,6 +460,7 @@ class _Loop:
 
   def close(self, diverged: bool) -> None:
     """Saves the last finished step (on Ctrl-C too; never a diverged state) and closes."""
+    self.watch.stop()
     self.bar.close()
     ckpt = self.ckpt
     if ckpt is not None:

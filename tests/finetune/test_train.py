@@ -1,6 +1,8 @@
 """The fine-tuning loop on a tiny random Llama: steps, accumulation, sharding, resume, Ctrl-C."""
 
 import itertools
+import os
+import signal
 
 import jax
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mofo_jax.finetune import data as data_lib
-from mofo_jax.finetune import checkpointing, evaluation, optimizers, train
+from mofo_jax.finetune import checkpointing, evaluation, optimizers, preemption, train
 from mofo_jax.finetune.step import token_losses
 from mofo_jax.finetune import model as model_lib
 
@@ -254,6 +256,27 @@ def test_ctrl_c_saves_the_last_finished_step(tmp_path):
       evaluator(),
     )
   assert checkpointing.RunCheckpoints(tmp_path).latest_step() == 2
+
+
+def test_sigterm_saves_the_step_in_progress_and_stops(tmp_path):
+  def sigterm_during(n):
+    it = batches()
+    for i in itertools.count(1):
+      if i == n:
+        os.kill(os.getpid(), signal.SIGTERM)  # while step n fetches its batch
+      yield next(it)
+
+  trainer = make()
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(preemption.Preempted, match="stopped at step 3; checkpoint saved"):
+    train.run(
+      trainer,
+      sigterm_during(3),
+      train.LoopConfig(steps=6, checkpoint_dir=str(tmp_path), progress=False),
+      evaluator(),
+    )
+  assert checkpointing.RunCheckpoints(tmp_path).all_steps() == [3]
+  assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
 
 
 def test_metrics_jsonl_has_train_and_eval_lines(tmp_path):
