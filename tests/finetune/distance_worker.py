@@ -8,17 +8,11 @@ line, the fingerprint and the distance metrics with the device and the host copy
 import json
 import sys
 
-import jax
+from tests.processes import initialize
 
 
 def main(process_id: int, port: int) -> None:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=2,
-    process_id=process_id,
-    initialization_timeout=30,
-  )
+  initialize(process_id, port)
   from mofo_jax.finetune import distance
   from tests.finetune.test_distance import _trees
 
