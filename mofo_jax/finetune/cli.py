@@ -28,6 +28,7 @@ examples:
   mofo-finetune --checkpoint-dir runs/ckpt --checkpoint-every 50 --resume
   mofo-finetune --param-dtype float32 --compute-dtype bfloat16 --mesh data=1,fsdp=-1
   mofo-finetune plan --model llama-3.1-8b --topology v5e:4x4   (memory and fit; see plan --help)
+  mofo-finetune generate --model runs/adamw/model --prompt "What is 17 + 25?"   (see generate --help)
 
 exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
 2 a usage or input error (one line naming the flag or file), 75 preempted (SIGTERM: every
@@ -398,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     from mofo_jax.finetune import plan
 
     return plan.main(argv[1:])
+  if argv[:1] == ["generate"]:
+    from mofo_jax.finetune import generate
+
+    return generate.main(argv[1:])
   from mofo_jax.finetune import runner
   from mofo_jax.finetune.preemption import EXIT_PREEMPTED, Preempted
   from mofo_jax.finetune.run_config import UserError

@@ -521,25 +521,27 @@ def run(
   if lead:
     log(format_summary(before or {}, last, wall))
   if out is not None:
-    _save_model(trainer, prepared, out / "model", lead)
+    _save_model(trainer, prepared, out / "model", lead, cfg.model.path)
     if lead:
       checkpointing.write_json_atomic(out / "summary.json", summary)
   return RunResult(cfg, records, summary, trainer)
 
 
-def _save_model(trainer, prepared, target, lead: bool) -> None:
-  """The fine-tuned model and tokenizer as a Hugging Face directory at ``target``.
+def _save_model(trainer, prepared, target, lead: bool, source: str | None) -> None:
+  """The fine-tuned model, tokenizer and generation config (``source``'s, or the tokenizer's
+  special ids) as a Hugging Face directory at ``target``.
 
   Every process joins the save (params may span hosts; it copies one tensor at a time to the
   host and process 0 writes), so no device ever holds the whole model. A ``gs://`` target is
   written to a local temporary directory first and uploaded with ``config.json`` last.
   """
-  from mofo_jax.finetune import checkpoints_hf, tokenizer
+  from mofo_jax.finetune import checkpoints_hf, generate, tokenizer
 
   if not storage.is_remote(target):
     checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, target)
     if lead:
       tokenizer.save_tokenizer(prepared.tokenizer, target)
+      generate.save_generation_config(prepared.tokenizer, target, source)
     return
   # Every process passes the same path (the save synchronises on it); process 0 alone writes.
   staging = Path(tempfile.gettempdir()) / f"mofo-model-{checkpointing.common_token()}"
@@ -547,6 +549,7 @@ def _save_model(trainer, prepared, target, lead: bool) -> None:
     checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, staging / "model")
     if lead:
       tokenizer.save_tokenizer(prepared.tokenizer, staging / "model")
+      generate.save_generation_config(prepared.tokenizer, staging / "model", source)
       storage.upload_dir(staging / "model", target, last="config.json")
   finally:
     if lead:

@@ -49,13 +49,13 @@ def snapshot(directory: Path) -> dict[str, str]:
   }
 
 
-def user_error(argv, capsys) -> str:
-  """Runs the CLI, expects exit status 2 and exactly one stderr line; returns it."""
+def user_error(argv, capsys, prog: str = "mofo-finetune") -> str:
+  """Runs the CLI, expects exit status 2 and exactly one stderr line from ``prog``; returns it."""
   code = cli.main(argv)
   err = capsys.readouterr().err
   lines = [x for x in err.splitlines() if x.strip()]
   assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("mofo-finetune: error: "), err
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
   return lines[0]
 
 
@@ -151,6 +151,9 @@ def test_saved_model_reloads_to_the_same_tokens(trained, model_dir):
   hf = transformers.AutoTokenizer.from_pretrained(str(trained[0] / "model"))
   assert hf.eos_token_id == before.eos_token_id and hf.chat_template == TEMPLATE
   assert hf(text, add_special_tokens=False)["input_ids"] == before.encode(text)
+  # transformers' generate stops at our EOS (without generation_config.json, Llama's default 2).
+  generation = transformers.GenerationConfig.from_pretrained(str(trained[0] / "model"))
+  assert generation.eos_token_id == before.eos_token_id
 
 
 def test_a_model_without_eos_is_warned_about(tiny_checkpoint, tmp_path):
