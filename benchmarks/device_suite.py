@@ -12,7 +12,7 @@ measured. Needs only jax and optax (no installation):
   PYTHONPATH=. python benchmarks/device_suite.py --preset micro --steps 2   # a CPU smoke run
 
 The default modes are the XLA paths (``exact-xla``, ``approx-xla``) and the platform's kernel
-paths (on TPU ``kernel``, ``kernel-full``: the Pallas TPU kernels; on GPU ``kernel-gpu``: the
+paths (on TPU ``kernel``, ``kernel-full``, ``approx-kernel``: the Pallas TPU kernels; on GPU ``kernel-gpu``: the
 Pallas Triton kernel; on CPU all three, which there run ``exact-xla``'s program), each beside
 optax.adamw. Each mode gets at most ``--timeout`` seconds and at most an equal share of what is
 left of ``--budget``, so that one slow mode cannot leave the next ones nothing.
@@ -32,8 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # exact-xla's program, and off CUDA kernel-gpu is, so only the platform's own kernels are timed.
 MODES = {
   "gpu": "exact-xla,approx-xla,kernel-gpu",
-  "tpu": "exact-xla,approx-xla,kernel,kernel-full",
-  "cpu": "exact-xla,approx-xla,kernel,kernel-full,kernel-gpu",
+  "tpu": "exact-xla,approx-xla,kernel,kernel-full,approx-kernel",
+  "cpu": "exact-xla,approx-xla,kernel,kernel-full,approx-kernel,kernel-gpu",
 }
 
 

@@ -8,6 +8,7 @@ from mofo_jax._approx import ApproxSelection
 from mofo_jax._counts import value as count_value
 from mofo_jax._local import LocalSelection
 from mofo_jax._local import local_selection
+from mofo_jax._pallas_approx import PallasApproxSelection
 from mofo_jax._pallas_selection import PallasSelection
 from mofo_jax._partition import BlockSpec
 from mofo_jax._selection import BlockSelection
@@ -41,6 +42,7 @@ __all__ = [
   "LocalSelection",
   "MoFOTelemetry",
   "MomentUpdate",
+  "PallasApproxSelection",
   "PallasSelection",
   "ScaleByMoFOState",
   "Selection",

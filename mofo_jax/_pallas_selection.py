@@ -6,11 +6,18 @@ new m and v, and in the same pass counts, per block, the entries whose key (the 
 an integer, see :func:`mofo_jax._selection.score_keys`) reach each of a few candidates: the 16
 values of the key's top 4 bits and both ends of a bracket around the last step's threshold.
 Narrow counting kernels then re-read only the new m, 4 bits of the threshold per pass: 5 passes
-when every block's threshold stayed in its bracket of ``2**20`` keys, else 7. The threshold is
+when every block's threshold stayed in its bracket of ``2**20`` keys, else 7 (a loop around one
+counting kernel in each branch). The threshold is
 the k-th largest key of each block however it is searched, and the counts are of the same keys,
 so thresholds, counts and masks equal the XLA path's bit for bit; the mask is compared by XLA
 on the kernel's m buffer and fused into the masked update there (with the direction and, in a
 jitted step, ``apply_updates``: one pass reading m, v and p).
+
+Leaves of one 2-D view and dtypes (the 32 query/output projections of a 16-layer model, say)
+share their kernels: one call takes up to ``MAX_GROUP`` of them as separate operands, each in
+tiles ``1 / len(group)`` the size, so VMEM holds what one leaf's tiles would and the program
+holds one set of kernels per group, not per leaf (compile time grows with the number of Mosaic
+kernels; each leaf is still read and written once, in place).
 
 A leaf takes the kernel when it is filtered, has two or more axes, float32 or bfloat16
 gradients and moments, blocks that are whole leaves or slices along leading axes (each layer of
@@ -45,6 +52,10 @@ BRACKET_BITS = 20  # as ExactSelection's default: +-3% to +-6% of the last thres
 TILE_ENTRIES = 1 << 18
 _LANES = 128
 _SUBLANES = 8
+# Leaves per kernel call: their tiles share TILE_ENTRIES (16 leaves: 16384 float32 entries, 64
+# KiB, a tile each). Compiled for v6e, a group of 16 (2048, 2048) leaves took 2.9 s, of 32 6.6 s
+# and of 8 2.5 s: 16 is the cheapest per leaf.
+MAX_GROUP = 16
 _SIGN = np.uint32(1 << 31)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -127,36 +138,43 @@ def _signed(cands: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(cands ^ _SIGN, jnp.int32)
 
 
-def _count_into(keys, cands_ref, t: Tiling, num_cands: int, out_ref):
-  """Writes, for the tile's block, how many of ``keys`` reach each candidate (lane j holds
-  candidate j) into the ``[8, 128]`` output tile. Sums run in float32: exact for tiles under
-  2**24 entries."""
+def _count_into(keys, cands_ref, leaf: int, t: Tiling, num_cands: int, out_ref):
+  """Writes, for the tile's block of leaf ``leaf`` of the group, how many of ``keys`` reach each
+  candidate (lane j holds candidate j) into ``out_ref[leaf]``, an ``[8, 128]`` tile. Sums run in
+  float32: exact for tiles under 2**24 entries."""
   # lax.div: jnp's floor division of a signed int lowers through sign, which Mosaic lowers only
   # when it can ask the device for its generation.
   block = lax.div(pl.program_id(0), jnp.int32(t.block_rows // t.tile_rows))
+  first = (leaf * t.num_blocks + block) * num_cands
   lane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, _LANES), 1)
-  acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
-  for j in range(num_cands):
-    hits = (keys >= cands_ref[block * num_cands + j]).astype(jnp.float32)
+
+  # A loop, not unrolled: the kernel's code (and its trace, lowering and Mosaic compile) stays
+  # one candidate's size per leaf.
+  def count(j, acc):
+    hits = (keys >= cands_ref[first + j]).astype(jnp.float32)
     total = jnp.sum(jnp.sum(hits, axis=0, keepdims=True), axis=1, keepdims=True)
-    acc = jnp.where(lane == j, total, acc)
-  out_ref[...] = acc.astype(jnp.int32)
+    return jnp.where(lane == j, total, acc)
+
+  acc = lax.fori_loop(0, num_cands, count, jnp.zeros((_SUBLANES, _LANES), jnp.float32))
+  out_ref[leaf] = acc.astype(jnp.int32)
 
 
-def _grid_spec(t: Tiling, num_inputs: int, num_outputs: int):
+def _grid_spec(t: Tiling, group: int, num_inputs: int, num_outputs: int):
+  """``num_inputs`` then ``num_outputs`` tiled operands per leaf of the group, and the counts:
+  every grid step takes the same tile of every leaf."""
   tile = pl.BlockSpec((t.tile_rows, t.tile_cols), lambda i, j, c: (i, j))
-  counts = pl.BlockSpec((_SUBLANES, _LANES), lambda i, j, c: (i, j))
+  counts = pl.BlockSpec((group, _SUBLANES, _LANES), lambda i, j, c: (0, i, j))
   return pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=1,
     grid=t.grid,
-    in_specs=[tile] * num_inputs,
-    out_specs=[tile] * num_outputs + [counts],
+    in_specs=[tile] * (num_inputs * group),
+    out_specs=[tile] * (num_outputs * group) + [counts],
   )
 
 
-def _counts_shape(t: Tiling) -> jax.ShapeDtypeStruct:
+def _counts_shape(t: Tiling, group: int) -> jax.ShapeDtypeStruct:
   rows, cols = t.grid
-  return jax.ShapeDtypeStruct((rows * _SUBLANES, cols * _LANES), jnp.int32)
+  return jax.ShapeDtypeStruct((group, rows * _SUBLANES, cols * _LANES), jnp.int32)
 
 
 def _params() -> pltpu.CompilerParams:
@@ -164,74 +182,84 @@ def _params() -> pltpu.CompilerParams:
 
 
 def fused_moments(
-  g, mu, nu, cands, t: Tiling, first_moment, second_moment, *, interpret: bool = False
+  gs, mus, nus, cands, t: Tiling, first_moment, second_moment, *, interpret: bool = False
 ):
-  """One pass over 2-D ``g, mu, nu``: the new moments and, per tile, the count of the new
-  ``|m|``'s keys at each of the ``cands`` (``int32[num_blocks * num_cands]``, signed as
-  :func:`_signed`).
+  """One pass over the 2-D ``gs, mus, nus`` of a group of leaves (lists, one tiling ``t``): the
+  new moments and, per tile, the count of the new ``|m|``'s keys at each of the ``cands``
+  (``int32[len(gs) * num_blocks * num_cands]``, leaf-major, signed as :func:`_signed`).
 
   Returns:
-    The new m (mu's dtype), the new v (nu's dtype) and the counts, ``int32[grid_rows * 8,
-    grid_cols * 128]`` (row 8i, lane 128j + c: tile (i, j), candidate c).
+    The new m per leaf (mu's dtype), the new v per leaf (nu's dtype) and the counts,
+    ``int32[len(gs), grid_rows * 8, grid_cols * 128]`` (leaf l, row 8i, lane 128j + c: tile
+    (i, j), candidate c).
   """
-  num_cands = cands.size // t.num_blocks
+  n = len(gs)
+  num_cands = cands.size // (n * t.num_blocks)
 
-  def kernel(cands_ref, g_ref, mu_ref, nu_ref, m_ref, v_ref, out_ref):
-    g = g_ref[...]
-    m = first_moment(g, mu_ref[...])
-    m_ref[...] = m
-    v_ref[...] = second_moment(g, nu_ref[...])
-    _count_into(_signed_keys(m), cands_ref, t, num_cands, out_ref)
+  def kernel(cands_ref, *refs):
+    g_refs, mu_refs, nu_refs = refs[:n], refs[n : 2 * n], refs[2 * n : 3 * n]
+    m_refs, v_refs, out_ref = refs[3 * n : 4 * n], refs[4 * n : 5 * n], refs[5 * n]
+    for leaf in range(n):
+      g = g_refs[leaf][...]
+      m = first_moment(g, mu_refs[leaf][...])
+      m_refs[leaf][...] = m
+      v_refs[leaf][...] = second_moment(g, nu_refs[leaf][...])
+      _count_into(_signed_keys(m), cands_ref, leaf, t, num_cands, out_ref)
 
-  return pl.pallas_call(
+  outs = pl.pallas_call(
     kernel,
     out_shape=(
-      jax.ShapeDtypeStruct(mu.shape, mu.dtype),
-      jax.ShapeDtypeStruct(nu.shape, nu.dtype),
-      _counts_shape(t),
+      *(jax.ShapeDtypeStruct(mu.shape, mu.dtype) for mu in mus),
+      *(jax.ShapeDtypeStruct(nu.shape, nu.dtype) for nu in nus),
+      _counts_shape(t, n),
     ),
-    grid_spec=_grid_spec(t, 3, 2),
+    grid_spec=_grid_spec(t, n, 3, 2),
     # The new moments overwrite the old ones (operands count the prefetched candidates): with
     # the state donated, no copy of them is allocated.
-    input_output_aliases={2: 0, 3: 1},
+    input_output_aliases={1 + n + i: i for i in range(2 * n)},
     compiler_params=_params(),
     interpret=interpret,
     name="mofo_adam_moments_count",
-  )(cands, g, mu, nu)
+  )(cands, *gs, *mus, *nus)
+  return list(outs[:n]), list(outs[n : 2 * n]), outs[2 * n]
 
 
-def count_keys(m, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
-  """One read of the 2-D ``m``: per tile, the count of its keys at each of ``cands`` (as
-  :func:`fused_moments` returns them)."""
-  num_cands = cands.size // t.num_blocks
+def count_keys(ms, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
+  """One read of the 2-D ``ms`` of a group: per tile, the count of its keys at each of
+  ``cands`` (as :func:`fused_moments` returns them)."""
+  n = len(ms)
+  num_cands = cands.size // (n * t.num_blocks)
 
-  def kernel(cands_ref, m_ref, out_ref):
-    _count_into(_signed_keys(m_ref[...]), cands_ref, t, num_cands, out_ref)
+  def kernel(cands_ref, *refs):
+    for leaf in range(n):
+      _count_into(_signed_keys(refs[leaf][...]), cands_ref, leaf, t, num_cands, refs[n])
 
   (out,) = pl.pallas_call(
     kernel,
-    out_shape=(_counts_shape(t),),
-    grid_spec=_grid_spec(t, 1, 0),
+    out_shape=(_counts_shape(t, n),),
+    grid_spec=_grid_spec(t, n, 1, 0),
     compiler_params=_params(),
     interpret=interpret,
     name="mofo_count_keys",
-  )(cands, m)
+  )(cands, *ms)
   return out
 
 
 def block_counts(tiles: jax.Array, t: Tiling, num_cands: int) -> _counts.Count:
-  """``[num_blocks, num_cands]`` Counts from the per-tile counts of a kernel: exact past 2**31
-  (tiles hold under 2**24 entries; 2**7 of them sum in int32, then by limbs)."""
+  """``[group * num_blocks, num_cands]`` Counts (leaf-major) from the per-tile counts of a
+  kernel: exact past 2**31 (tiles hold under 2**24 entries; 2**7 of them sum in int32, then by
+  limbs)."""
+  group = tiles.shape[0]
   rows, cols = t.grid
-  per_tile = tiles.reshape(rows, _SUBLANES, cols, _LANES)[:, 0, :, :num_cands]
-  per_block = per_tile.reshape(t.num_blocks, -1, num_cands)
+  per_tile = tiles.reshape(group, rows, _SUBLANES, cols, _LANES)[:, :, 0, :, :num_cands]
+  per_block = per_tile.reshape(group * t.num_blocks, -1, num_cands)
   n = per_block.shape[1]
-  group = 1 << 7
-  if n <= group:
+  limb = 1 << 7
+  if n <= limb:
     return _counts.split(jnp.sum(per_block, axis=1, dtype=jnp.int32))
-  pad = -n % group
+  pad = -n % limb
   per_block = jnp.pad(per_block, ((0, 0), (0, pad), (0, 0)))
-  partial = jnp.sum(per_block.reshape(t.num_blocks, -1, group, num_cands), axis=2)
+  partial = jnp.sum(per_block.reshape(per_block.shape[0], -1, limb, num_cands), axis=2)
   return _counts.sum_counts(_counts.split(partial), axis=1)
 
 
@@ -245,7 +273,7 @@ def _digit(counts: _counts.Count, k: _counts.Count) -> tuple[jax.Array, _counts.
   return digit, at
 
 
-def _candidates(base: jax.Array, shift: int, bits: int) -> jax.Array:
+def _candidates(base: jax.Array, shift, bits: int) -> jax.Array:
   """``[num_blocks, 2**bits - 1]`` uint32: ``base + d << shift`` for every non-zero digit d."""
   digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32) << shift
   return base[:, None] + digits
@@ -258,58 +286,72 @@ def _resolve(prefix, count, cands_counts, k, shift):
   return prefix + (digit << shift), count
 
 
-def _search(m, t: Tiling, k, base, count, digits, interpret):
-  """Fixes the digits ``(shift, bits)`` of the k-th largest key at or above ``base`` (whose
-  count is ``count``), one counting kernel per digit."""
-  prefix = base
-  for shift, bits in digits:
-    cands = _candidates(prefix, shift, bits)
-    tiles = count_keys(m, _signed(cands).reshape(-1), t, interpret=interpret)
-    prefix, count = _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
-  return prefix, count
+def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret):
+  """Fixes the bits below ``top_shift + RADIX_BITS`` of the k-th largest key at or above
+  ``base`` (whose count is ``count``) of every block of the group ``ms``: a loop of counting
+  kernels, ``RADIX_BITS`` bits a trip from ``top_shift`` down, the last trip at shift 0 (where
+  fewer bits remain, the candidates above the known prefix keep fewer than k, so the digit is
+  the same). One kernel in the program, however many trips."""
+  trips = -(-top_shift // RADIX_BITS) + 1
+
+  def trip(i, carry):
+    prefix, count = carry
+    shift = jnp.uint32(top_shift) - jnp.minimum(
+      jnp.uint32(RADIX_BITS) * i.astype(jnp.uint32), jnp.uint32(top_shift)
+    )
+    cands = _candidates(prefix, shift, RADIX_BITS)
+    tiles = count_keys(ms, _signed(cands).reshape(-1), t, interpret=interpret)
+    return _resolve(prefix, count, block_counts(tiles, t, cands.shape[1]), k, shift)
+
+  return lax.fori_loop(0, trips, trip, (base, count))
 
 
-# (shift, bits) of the digits after the fused pass: it fixes bits 30-27 of the key, these the
-# other 27 (the last digit is 3 bits); in a bracket, the 20 bits above its lower end.
-_FULL_DIGITS = tuple((s, RADIX_BITS) for s in range(23, 0, -RADIX_BITS)) + ((0, 3),)
-_BRACKET_DIGITS = tuple((s, RADIX_BITS) for s in range(BRACKET_BITS - RADIX_BITS, -1, -RADIX_BITS))
+# The digits after the fused pass: it fixes bits 30-27 of the key, the loop the other 27 from
+# shift 23 (7 trips); in a bracket, the 20 bits above its lower end from shift 16 (5 trips).
+_FULL_SHIFT = KEY_BITS - 2 * RADIX_BITS
+_BRACKET_SHIFT = BRACKET_BITS - RADIX_BITS
 
 
-def select_leaf(
-  g, mu, nu, t: Tiling, fraction, first_moment, second_moment, previous=None, *, interpret=False
+def select_group(
+  gs, mus, nus, t: Tiling, fraction, first_moment, second_moment, previous=None, *, interpret=False
 ):
-  """The new moments and, per block, the k-th largest key of the new ``|m|`` and its count.
+  """The new moments and, per block, the k-th largest key of the new ``|m|`` and its count, for
+  a group of leaves that share one tiling (their kernels are shared too; see module).
 
   Args:
-    g, mu, nu: the gradient and old moments, viewed ``[rows, cols]``.
-    t: their :func:`tiling`.
+    gs, mus, nus: per leaf, the gradient and old moments, viewed ``[rows, cols]``.
+    t: their :func:`tiling` (for tiles of ``TILE_ENTRIES / len(gs)`` entries, say).
     fraction: the fraction kept per block.
     first_moment, second_moment: ``(g, old) -> new``, elementwise (traced into the kernel).
-    previous: ``[num_blocks]`` float32, the last step's thresholds: with them the search is
-      bracketed (see module); None searches every bit.
+    previous: per leaf, ``[num_blocks]`` float32, the last step's thresholds: with them the
+      search is bracketed (see module; one bracket check for the group); None searches every
+      bit.
     interpret: run the kernels in Pallas's interpreter (any backend; for tests).
 
   Returns:
-    The new m, the new v, the thresholds (``float32[num_blocks]``) and the counts at them.
+    Per leaf the new m and the new v, and per block (``[len(gs) * num_blocks]``, leaf-major) the
+    thresholds (float32) and the counts at them.
   """
+  nb = len(gs) * t.num_blocks
   n = t.block_rows * t.cols
   k = _counts.num_to_select(fraction, n)
-  k = _counts.Count(*(jnp.broadcast_to(a, (t.num_blocks,)) for a in k))
-  zeros = jnp.zeros((t.num_blocks,), jnp.uint32)
-  all_count = _counts.constant(n, (t.num_blocks,))
+  k = _counts.Count(*(jnp.broadcast_to(a, (nb,)) for a in k))
+  zeros = jnp.zeros((nb,), jnp.uint32)
+  all_count = _counts.constant(n, (nb,))
   top = _candidates(zeros, KEY_BITS - RADIX_BITS, RADIX_BITS)
   if previous is not None:
     half = jnp.uint32(1 << (BRACKET_BITS - 1))
-    pk = lax.bitcast_convert_type(previous.astype(jnp.float32), jnp.uint32)
+    prev = jnp.concatenate([p.reshape(-1) for p in previous])
+    pk = lax.bitcast_convert_type(prev.astype(jnp.float32), jnp.uint32)
     lows = jnp.where(pk > half, pk - half, jnp.zeros_like(pk))
     ends = jnp.stack([lows, lows + jnp.uint32(1 << BRACKET_BITS)], axis=-1)
     cands = jnp.concatenate([top, ends], axis=-1)
   else:
     cands = top
-  m, v, tiles = fused_moments(
-    g,
-    mu,
-    nu,
+  ms, vs, tiles = fused_moments(
+    gs,
+    mus,
+    nus,
     _signed(cands).reshape(-1),
     t,
     first_moment,
@@ -321,7 +363,7 @@ def select_leaf(
   prefix, count = _resolve(zeros, all_count, top_counts, k, KEY_BITS - RADIX_BITS)
 
   def full():
-    return _search(m, t, k, prefix, count, _FULL_DIGITS, interpret)
+    return _search(ms, t, k, prefix, count, _FULL_SHIFT, interpret)
 
   if previous is None:
     prefix, count = full()
@@ -331,16 +373,80 @@ def select_leaf(
     inside = _counts.greater_equal(at_low, k) & ~_counts.greater_equal(at_high, k)
     prefix, count = lax.cond(
       jnp.all(inside),
-      lambda: _search(m, t, k, lows, at_low, _BRACKET_DIGITS, interpret),
+      lambda: _search(ms, t, k, lows, at_low, _BRACKET_SHIFT, interpret),
       full,
     )
-  return m, v, _selection.keys_to_threshold(prefix), count
+  return ms, vs, _selection.keys_to_threshold(prefix), count
+
+
+def select_leaf(
+  g, mu, nu, t: Tiling, fraction, first_moment, second_moment, previous=None, *, interpret=False
+):
+  """:func:`select_group` of one leaf: its new m and v, and per block (``[num_blocks]``) the
+  thresholds and the counts at them."""
+  ms, vs, tau, count = select_group(
+    [g],
+    [mu],
+    [nu],
+    t,
+    fraction,
+    first_moment,
+    second_moment,
+    None if previous is None else [previous],
+    interpret=interpret,
+  )
+  return ms[0], vs[0], tau, count
+
+
+def groups(shapes, specs, dtypes, tilings, tile_entries: int = TILE_ENTRIES):
+  """The leaves that share kernels: ``[(tiling, [leaf indices])]`` for the leaves with a tiling,
+  grouped by their 2-D view, blocks and dtypes, at most ``MAX_GROUP`` a group, each group tiled
+  for ``tile_entries / len(group)`` entries a leaf (a leaf alone where that tiling fails)."""
+  by_key: dict[Any, list[int]] = {}
+  for i, t in enumerate(tilings):
+    if t is not None:
+      by_key.setdefault((t.rows, t.cols, t.block_rows, dtypes[i]), []).append(i)
+  out = []
+  for idx in by_key.values():
+    for start in range(0, len(idx), MAX_GROUP):
+      chunk = idx[start : start + MAX_GROUP]
+      i = chunk[0]
+      t = tiling(shapes[i], specs[i], dtypes[i], tile_entries // len(chunk))
+      if t is None:
+        out.extend((tilings[j], [j]) for j in chunk)
+      else:
+        out.append((t, chunk))
+  return out
 
 
 def _traceable(fn, *dtypes) -> bool:
   """Whether ``fn`` traces into a kernel: it must close over no arrays (a traced b1 would)."""
   args = [jax.ShapeDtypeStruct((8, _LANES), d) for d in dtypes]
   return not jax.make_jaxpr(fn)(*args).consts
+
+
+def kernel_tilings(
+  moments, filtered, specs, is_global, kernel: str, tile_entries: int = TILE_ENTRIES
+) -> list[Tiling | None]:
+  """Per leaf of a :class:`mofo_jax.MomentUpdate`, the kernels' :func:`tiling`, or None where
+  the leaf is not filtered, its moments do not trace into a kernel, the block is global, or
+  (``kernel="auto"``) there is more than one device."""
+  if is_global or (kernel == "auto" and jax.device_count() > 1):
+    return [None] * len(filtered)
+  out = []
+  for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
+    dtypes = (g.dtype, mu.dtype, nu.dtype)
+    ok = f and _traceable(moments.first_moment, g.dtype, mu.dtype)
+    ok = ok and _traceable(moments.second_moment, g.dtype, nu.dtype)
+    out.append(tiling(g.shape, spec, dtypes, tile_entries) if ok else None)
+  return out
+
+
+def scatter(results: list[list[Any]], idx: list[int], outs) -> None:
+  """Puts ``outs`` (per result, one entry per leaf of ``idx``) at ``idx`` of ``results``."""
+  for j, i in enumerate(idx):
+    for r, o in zip(results, outs):
+      r[i] = o[j]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,15 +494,7 @@ class PallasSelection:
 
   def tilings(self, moments, filtered, specs, is_global) -> list[Tiling | None]:
     """Per leaf, the kernels' tiling, or None where the leaf goes to the fallback."""
-    if is_global or (self.kernel == "auto" and jax.device_count() > 1):
-      return [None] * len(filtered)
-    out = []
-    for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
-      dtypes = (g.dtype, mu.dtype, nu.dtype)
-      ok = f and _traceable(moments.first_moment, g.dtype, mu.dtype)
-      ok = ok and _traceable(moments.second_moment, g.dtype, nu.dtype)
-      out.append(tiling(g.shape, spec, dtypes, self.tile_entries) if ok else None)
-    return out
+    return kernel_tilings(moments, filtered, specs, is_global, self.kernel, self.tile_entries)
 
   def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
     """The new moments and the exact selection of the new first moment (see
@@ -432,19 +530,18 @@ class PallasSelection:
       previous=None if previous is None else pick(previous),
     )
     results = [[None] * len(tilings) for _ in range(5)]
-    for j, i in enumerate(rest):
-      for r, o in zip(results, outs):
-        r[i] = o[j]
-    for i, t in enumerate(tilings):
-      if t is None:
-        continue
+    scatter(results, rest, outs)
+    dtypes = [(g.dtype, mu.dtype, nu.dtype) for g, mu, nu in zip(*moments[:3])]
+    shapes = [g.shape for g in moments.grads]
+    for t, idx in groups(shapes, specs, dtypes, tilings, self.tile_entries):
       g, mu, nu = (
-        x.reshape(t.rows, t.cols) for x in (moments.grads[i], moments.mus[i], moments.nus[i])
+        [x[i].reshape(t.rows, t.cols) for i in idx]
+        for x in (moments.grads, moments.mus, moments.nus)
       )
       prev = None
       if previous is not None and self.bracket:
-        prev = previous[i].reshape(t.num_blocks)
-      m, v, tau, count = select_leaf(
+        prev = [previous[i].reshape(t.num_blocks) for i in idx]
+      ms, vs, taus, counts = select_group(
         g,
         mu,
         nu,
@@ -455,12 +552,14 @@ class PallasSelection:
         prev,
         interpret=self.interpret,
       )
-      shape = moments.grads[i].shape
-      block_shape = specs[i].block_shape(shape)
-      m, v = m.reshape(shape), v.reshape(shape)
-      tau = tau.reshape(block_shape)
-      results[0][i], results[1][i] = m, v
-      results[2][i] = _selection.block_mask(m, specs[i], tau)
-      results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-      results[4][i] = tau
+      for j, i in enumerate(idx):
+        shape = shapes[i]
+        m, v = ms[j].reshape(shape), vs[j].reshape(shape)
+        per_leaf = slice(j * t.num_blocks, (j + 1) * t.num_blocks)
+        tau = taus[per_leaf].reshape(specs[i].block_shape(shape))
+        count = _counts.Count(*(a[per_leaf] for a in counts))
+        results[0][i], results[1][i] = m, v
+        results[2][i] = _selection.block_mask(m, specs[i], tau)
+        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
+        results[4][i] = tau
     return tuple(results)

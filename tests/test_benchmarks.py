@@ -178,7 +178,14 @@ def test_device_suite_default_modes_are_step_time_modes():
   assert device_suite.default_modes() == device_suite.MODES["cpu"]
   assert "kernel-gpu" in device_suite.MODES["gpu"] and "kernel" in device_suite.MODES["tpu"]
   modes = set(",".join(device_suite.MODES.values()).split(","))
-  assert {"exact-xla", "approx-xla", "kernel", "kernel-full", "kernel-gpu"} == modes
+  assert {
+    "exact-xla",
+    "approx-xla",
+    "kernel",
+    "kernel-full",
+    "approx-kernel",
+    "kernel-gpu",
+  } == modes
   for m in modes:
     step_time.make_optimizer(m)
 

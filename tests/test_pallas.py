@@ -7,7 +7,6 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import mofo_jax
@@ -92,34 +91,67 @@ def test_ties_and_nan_are_kept():
   assert int(out[2][0].sum()) == 16 * 128  # NaNs first, then every tied 0.9
 
 
+def optimizer_steps(selection, params, partition, steps=2):
+  """The updates and states of ``steps`` jitted MoFO steps on random gradients."""
+  opt = mofo_jax.scale_by_mofo(0.1, partition=partition, selection=selection)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(steps):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    u, state = update(g, state)
+    out.append((u, state))
+  return out
+
+
+def test_same_views_share_kernels():
+  f32 = (jnp.float32,) * 3
+  bf16 = (jnp.bfloat16,) * 3
+  shapes = [(64, 256), (4, 16, 256), (64, 256), (64, 256), (8,), (64, 256)]
+  specs = [mofo_jax.BlockSpec(), LAYERS] + [mofo_jax.BlockSpec()] * 4
+  dtypes = [f32, f32, f32, bf16, f32, f32]
+  tilings = [ps.tiling(s, sp, d, 1 << 14) for s, sp, d in zip(shapes, specs, dtypes)]
+  groups = ps.groups(shapes, specs, dtypes, tilings, 1 << 14)
+  got = [(idx, t.tile_rows * t.tile_cols) for t, idx in groups]
+  # Three float32 (64, 256) leaves share a call, their tiles a third of one leaf's at most.
+  assert got == [([0, 2, 5], 4096), ([1], 4096), ([3], 16384)]
+
+
 def test_optimizer_steps_equal_exact():
-  """Whole MoFO steps: the kernel leaves, the fallback leaves and the state all equal."""
-  params = {"w": jnp.zeros((32, 128)), "s": jnp.zeros((2, 8, 128)), "b": jnp.zeros(8)}
-  part = {"w": mofo_jax.BlockSpec(), "s": LAYERS, "b": mofo_jax.BlockSpec()}
-  runs = []
-  for sel in (KERNEL, XLA):
-    opt = optax.chain(mofo_jax.scale_by_mofo(0.1, partition=part, selection=sel))
-    state = opt.init(params)
-    update = jax.jit(opt.update)
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(2):
-      g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-      u, state = update(g, state)
-      out.append((u, state))
-    runs.append(out)
+  """Whole MoFO steps: the kernel leaves (pairs sharing kernels, of one block each and of one
+  per layer), the fallback leaves and the state all equal."""
+  params = {
+    "w": jnp.zeros((32, 128)),
+    "w2": jnp.zeros((32, 128)),
+    "s": jnp.zeros((2, 8, 128)),
+    "s2": jnp.zeros((2, 8, 128)),
+    "b": jnp.zeros(8),
+  }
+  part = {
+    "w": mofo_jax.BlockSpec(),
+    "w2": mofo_jax.BlockSpec(),
+    "s": LAYERS,
+    "s2": LAYERS,
+    "b": mofo_jax.BlockSpec(),
+  }
+  runs = [optimizer_steps(sel, params, part) for sel in (KERNEL, XLA)]
   assert_same(*runs)
 
 
-def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
-  # On one device "auto" leaves the choice to the platform lowered for.
+def assert_auto_is_xla_on_cpu(monkeypatch, auto, xla, shape):
+  """On one device "auto" leaves the choice to the platform lowered for: on CPU no kernel is
+  lowered, and the results are the XLA selection's."""
   monkeypatch.setattr(jax, "device_count", lambda *a: 1)
-  arrays = _arrays((16, 128), jnp.float32, 0)
+  arrays = _arrays(shape, jnp.float32, 0)
   spec = mofo_jax.BlockSpec()
-  auto = ps.PallasSelection(tile_entries=1024)
   text = _select.lower(auto, spec, 0.1, *arrays, None).as_text()
-  assert "mofo_count_keys" not in text and "tpu_custom_call" not in text
-  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(XLA, spec, 0.1, *arrays, None))
+  assert "mofo_adam_moments_count" not in text and "tpu_custom_call" not in text
+  assert_same(_select(auto, spec, 0.1, *arrays, None), _select(xla, spec, 0.1, *arrays, None))
+
+
+def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
+  assert_auto_is_xla_on_cpu(monkeypatch, ps.PallasSelection(tile_entries=1024), XLA, (16, 128))
 
 
 @pytest.mark.parametrize("bad", [{"kernel": "gpu"}, {"tile_entries": 8}])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import mofo_jax
+from mofo_jax import _pallas_approx as pa
 from mofo_jax import _pallas_selection as ps
 
 pytestmark = pytest.mark.skipif(
@@ -29,9 +30,16 @@ LEAVES = {
   "up-8b": ((4, 4096, 14336), LAYERS),
   "down-70b": ((2, 28672, 8192), LAYERS),
 }
+# Leaves that share one call: tiles of 1/len(group) of TILE_ENTRIES each, one leaf's VMEM in all.
+GROUPS = {
+  "q-8b-x16": ((4096, 4096), mofo_jax.BlockSpec(), ps.MAX_GROUP),
+  "k-8b-x3": ((4096, 1024), mofo_jax.BlockSpec(), 3),
+}
 
 
 def _device(topology):
+  # Only compiles: libtpu's one-process lock has nothing to protect (sessions share machines).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
 
@@ -42,16 +50,21 @@ def _device(topology):
   return topo.devices[0]
 
 
-def _compile(topology, shape, spec, tile_entries=ps.TILE_ENTRIES):
+def _compile(topology, shape, spec, tile_entries=ps.TILE_ENTRIES, group=1, approx=False):
+  """Compiles the exact selection's kernels (or, ``approx``, the approx selection's pass) for
+  ``group`` leaves of ``shape`` sharing one call."""
   mesh = jax.sharding.Mesh([_device(topology)], ("chip",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  t = ps.tiling(shape, spec, (jnp.float32,) * 3, tile_entries)
-  x = jax.ShapeDtypeStruct((t.rows, t.cols), jnp.float32, sharding=sharding)
-  prev = jax.ShapeDtypeStruct((t.num_blocks,), jnp.float32, sharding=sharding)
+  t = ps.tiling(shape, spec, (jnp.float32,) * 3, tile_entries // group)
+  x = [jax.ShapeDtypeStruct((t.rows, t.cols), jnp.float32, sharding=sharding)] * group
+  prev = [jax.ShapeDtypeStruct((t.num_blocks,), jnp.float32, sharding=sharding)] * group
   adam = mofo_jax._transform._Adam.at(jnp.int32(1), 0.9, 0.999, 1e-8, jnp.float32, jnp.float32)
+  fm, sm = adam.first_moment, adam.second_moment
 
   def step(g, mu, nu, previous):
-    return ps.select_leaf(g, mu, nu, t, 0.1, adam.first_moment, adam.second_moment, previous)
+    if approx:
+      return pa.kept_group(g, mu, nu, jnp.concatenate(previous), t, fm, sm)
+    return ps.select_group(g, mu, nu, t, 0.1, fm, sm, previous)
 
   return jax.jit(step).lower(x, x, x, prev).compile()
 
@@ -64,6 +77,27 @@ def test_compiles_within_scoped_vmem(topology, leaf):
   compiled = _compile(topology, shape, spec)
   text = compiled.as_text()
   assert text.count("mofo_adam_moments_count") >= 1 and "mofo_count_keys" in text
+
+
+@pytest.mark.slow  # ~3 s per compile
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1", "v4:1x1x1"])
+@pytest.mark.parametrize("name", sorted(GROUPS))
+def test_groups_compile_within_scoped_vmem(topology, name):
+  """One call per group: the fused pass once, each counting digit once, for all its leaves."""
+  shape, spec, group = GROUPS[name]
+  text = _compile(topology, shape, spec, group=group).as_text()
+  calls = [line for line in text.splitlines() if "custom_call_target=\"tpu_custom_call\"" in line]
+  # The fused pass and the counting kernel of each branch of the bracket's cond (in loops).
+  assert len(calls) == 3, len(calls)
+
+
+@pytest.mark.slow  # ~2 s per compile
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1", "v4:1x1x1"])
+@pytest.mark.parametrize("leaf", ["embed-8b", "up-8b"])
+def test_approx_pass_compiles_within_scoped_vmem(topology, leaf):
+  shape, spec = LEAVES[leaf]
+  text = _compile(topology, shape, spec, approx=True).as_text()
+  assert "mofo_adam_moments_count" in text and "mofo_count_keys" not in text
 
 
 def test_vmem_limit_is_what_refuses_larger_tiles():

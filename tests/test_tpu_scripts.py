@@ -1,6 +1,7 @@
 """Tests of tpu_scripts/: the gcloud commands each script prints or runs."""
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ BASH = shutil.which("bash")
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
-def run_script(name, *args, env=None, path=None, check=True):
+def run_script(name, *args, env=None, path=None, check=True, timeout=30, cwd=None):
   """Runs a script with a clean environment (no TPU_* variables leak in)."""
   base = {"PATH": path or os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
   proc = subprocess.run(
@@ -24,7 +25,8 @@ def run_script(name, *args, env=None, path=None, check=True):
     env=base | (env or {}),
     capture_output=True,
     text=True,
-    timeout=30,
+    timeout=timeout,
+    cwd=cwd,
   )
   if check:
     assert proc.returncode == 0, proc.stderr
@@ -247,6 +249,8 @@ def test_delete():
     ("create.sh", ["--name", "pod-", "--zone", "us-central2-b"], "not a Cloud TPU name"),
     ("create.sh", ["--name", "p" * 64, "--zone", "us-central2-b"], "not a Cloud TPU name"),
     ("create.sh", ["--name", "pod1", "--zone", "us central"], "is not a zone"),
+    ("launch.sh", [*TARGET, "--until-done", "--detach"], "drop --detach"),
+    ("launch.sh", [*TARGET, "--max-relaunches", "many"], "is not a number"),
   ],
 )
 def test_errors(script, args, message):
@@ -377,3 +381,209 @@ def test_shellcheck_clean():
     timeout=60,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def scripted_gcloud(tmp_path, launch_exits, slice_state="", real=None):
+  """A gcloud on PATH that logs its argv and answers as a slice would.
+
+  Each ``ssh`` that runs mofo-finetune exits with the next of ``launch_exits``; ``describe``
+  prints ``slice_state``; every other command succeeds. With ``real``, every command also goes
+  through that gcloud first (its output in ``gcloud.out``), for its argument parser.
+  """
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (tmp_path / "exits").write_text(" ".join(map(str, launch_exits)))
+  (bin_dir / "gcloud").write_text(
+    f"#!{sys.executable}\n"
+    "import os, subprocess, sys\n"
+    "argv, tmp = sys.argv[1:], os.environ['STUB_DIR']\n"
+    "with open(os.path.join(tmp, 'gcloud.log'), 'a') as log:\n"
+    "  log.write('\\x1f'.join(argv) + '\\n')\n"
+    f"if {str(real)!r} != 'None':\n"
+    "  with open(os.path.join(tmp, 'gcloud.out'), 'a') as out:\n"
+    f"    code = subprocess.run([{str(real)!r}, *argv], stdout=out, stderr=out).returncode\n"
+    "    out.write(f'== exit {code} for: {argv}\\n')\n"
+    "if argv[3:4] == ['describe']:\n"
+    f"  print({slice_state!r})\n"
+    "elif argv[3:4] == ['ssh'] and 'mofo-finetune' in ' '.join(argv):\n"
+    "  exits = os.path.join(tmp, 'exits')\n"
+    "  codes = open(exits).read().split()\n"
+    "  open(exits, 'w').write(' '.join(codes[1:]))\n"
+    "  sys.exit(int(codes[0]))\n"
+  )
+  (bin_dir / "gcloud").chmod(0o755)
+  return f"{bin_dir}:{os.environ['PATH']}", {"STUB_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+
+
+def logged(tmp_path):
+  return [line.split("\x1f") for line in (tmp_path / "gcloud.log").read_text().splitlines()]
+
+
+def launched(argv):
+  """The mofo-finetune words of a launch ssh argv."""
+  return shlex.split(remote_command(argv).split("; ")[-1])
+
+
+UNTIL_DONE = ["--until-done", "--", "--checkpoint-dir", "gs://b/run/ckpt", "--steps", "9"]
+
+
+def test_until_done_relaunches_with_resume_after_status_75(tmp_path):
+  path, env = scripted_gcloud(tmp_path, [75, 75, 0])
+  proc = run_script("launch.sh", *TARGET, *UNTIL_DONE, env=env, path=path)
+  ran = logged(tmp_path)
+  assert [a[3] for a in ran] == ["ssh"] * 3  # the slice lives: nothing else runs
+  words = ["mofo-finetune", "--distributed", *UNTIL_DONE[2:]]
+  assert [launched(a) for a in ran] == [words, words + ["--resume"], words + ["--resume"]]
+  assert "relaunch 2 of at most 20" in proc.stderr
+
+
+def test_until_done_makes_a_preempted_spot_slice_again(tmp_path):
+  state = "PREEMPTED\tv5litepod-16\tv2-alpha-tpuv5-lite\tTrue"
+  path, env = scripted_gcloud(tmp_path, [255, 0], state)
+  run_script("launch.sh", *TARGET, *UNTIL_DONE, env=env, path=path)
+  ran = logged(tmp_path)
+  assert [a[3] for a in ran] == ["ssh", "describe", "delete", "create", "scp", "ssh", "ssh"]
+  assert ran[1][4:] == [
+    "pod1",
+    "--zone=us-central2-b",
+    "--format=value(state,acceleratorType,runtimeVersion,schedulingConfig.spot)",
+  ]
+  assert ran[2][-1] == "--quiet"
+  assert ran[3][4:] == [
+    "pod1",
+    "--zone=us-central2-b",
+    "--accelerator-type=v5litepod-16",
+    "--version=v2-alpha-tpuv5-lite",
+    "--spot",
+  ]
+  assert "mofo_jax_src[finetune]" in remote_command(ran[5])  # installed again
+  assert launched(ran[6])[-1] == "--resume"
+
+
+@pytest.mark.parametrize(
+  "exits, state, message",
+  [
+    ([1], "READY\tv4-32\ttpu-ubuntu2204-base\t", "status 1 on a slice in state READY"),
+    ([75, 75], "", "stopping after 1 relaunches"),
+  ],
+)
+def test_until_done_stops_on_other_failures(tmp_path, exits, state, message):
+  path, env = scripted_gcloud(tmp_path, exits, state)
+  proc = run_script(
+    "launch.sh", *TARGET, "--max-relaunches", "1", *UNTIL_DONE, env=env, path=path, check=False
+  )
+  assert proc.returncode == exits[-1] and message in proc.stderr  # the run's own status
+  assert [a[3] for a in logged(tmp_path)].count("create") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed")
+def test_until_done_commands_pass_the_real_gcloud_argument_parser(tmp_path):
+  """The relaunch loop's commands (describe, delete, create, install, launch) stop at auth."""
+  config = tmp_path / "gcloud_config"
+  config.mkdir()
+  state = "PREEMPTED\tv5litepod-16\tv2-alpha-tpuv5-lite\tTrue"
+  path, env = scripted_gcloud(tmp_path, [255, 0], state, real=GCLOUD)
+  env |= {"CLOUDSDK_CONFIG": str(config), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+  target = [*TARGET, "--project", "my-project"]
+  run_script("launch.sh", *target, *UNTIL_DONE, env=env, path=path, timeout=300)
+  text = (tmp_path / "gcloud.out").read_text()
+  assert text.count("== exit ") == len(logged(tmp_path)) == 7, text
+  assert text.count(AUTH) == 7, text
+  for bad in ("unrecognized arguments", "argument ", "Invalid value", "invalid choice"):
+    assert bad not in text, text
+
+
+@pytest.mark.parametrize("prepare, runs", [("touch prepared", True), ("false", False)])
+def test_launch_prepare_runs_first_and_must_succeed(tmp_path, prepare, runs):
+  [ssh] = dry_run("launch.sh", *TARGET, "--workdir", "runs", "--prepare", prepare, "--", "-x")
+  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text('#!/bin/sh\necho "ran with $*"\n')
+  stub.chmod(0o755)
+  (tmp_path / "runs").mkdir()
+  proc = subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    cwd=tmp_path,
+    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    capture_output=True,
+    text=True,
+    timeout=10,
+  )
+  assert (proc.returncode == 0) == runs and ("ran with --distributed -x" in proc.stdout) == runs
+  assert (tmp_path / "prepared").exists() == runs  # in the home directory, before --workdir
+
+
+def walkthrough():
+  """The commands of tpu_scripts/README.md's Spot walkthrough as argv lists."""
+  text = (SCRIPTS / "README.md").read_text()
+  section = text.split("## A whole run on a Spot slice")[1].split("\n## ")[0]
+  lines = "".join(re.findall(r"```bash\n(.*?)```", section, re.S)).replace("\\\n", " ")
+  return [shlex.split(x) for x in lines.splitlines() if x.strip() and not x.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(GCLOUD is None, reason="the Google Cloud CLI (gcloud) is not installed")
+def test_spot_walkthrough_commands_pass_the_real_parsers(tmp_path):
+  """Each walkthrough command, and the --prepare command a worker runs, stops at gcloud's auth;
+  the plan and the launched mofo-finetune flags pass mofo-finetune's own parsers."""
+  from mofo_jax.finetune.cli import build_parser
+  from mofo_jax.finetune.plan.command import build_parser as plan_parser
+
+  commands = walkthrough()
+  assert [c[0] for c in commands] == [
+    "export",
+    "mofo-finetune",
+    "gcloud",
+    "gcloud",
+    "gcloud",
+    "tpu_scripts/create.sh",
+    "tpu_scripts/install.sh",
+    "tpu_scripts/launch.sh",
+    "gcloud",
+    "tpu_scripts/fetch.sh",
+    "tpu_scripts/delete.sh",
+    "gcloud",
+  ]
+  config = tmp_path / "gcloud_config"
+  config.mkdir()
+  path, env = scripted_gcloud(tmp_path, [0], real=GCLOUD)
+  env |= {"CLOUDSDK_CONFIG": str(config), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+  work = tmp_path / "work"  # the user's directory: the model and data to upload
+  (work / "Llama-3.1-8B").mkdir(parents=True)
+  (work / "Llama-3.1-8B" / "config.json").write_text("{}")
+  (work / "train.jsonl").write_text("{}\n")
+  for argv in commands:
+    if argv[0] == "export":
+      env |= dict(word.split("=", 1) for word in argv[1:])
+    elif argv[0] == "mofo-finetune":
+      plan_parser().parse_args(argv[2:])
+    elif argv[0] == "gcloud":
+      subprocess.run(argv, env={**os.environ, **env, "PATH": path}, cwd=work, check=True)
+    else:
+      run_script(argv[0].split("/")[1], *argv[1:], env=env, path=path, timeout=300, cwd=work)
+  # On a worker: --prepare (with the worker's gcloud), then the program with its flags.
+  [launch] = [a for a in commands if a[0].endswith("launch.sh")]
+  [ssh] = dry_run("launch.sh", *launch[1:], env=env)
+  home = tmp_path / "home"
+  stub = home / ".local" / "bin" / "mofo-finetune"
+  stub.parent.mkdir(parents=True)
+  stub.write_text(
+    f"#!{sys.executable}\nimport sys\nfrom mofo_jax.finetune.cli import build_parser\n"
+    "build_parser().parse_args(sys.argv[1:])\nopen('launched', 'w').write(' '.join(sys.argv[1:]))\n"
+  )
+  stub.chmod(0o755)
+  subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    env={**env, "HOME": str(home), "PATH": f"{path}", "PYTHONPATH": str(SCRIPTS.parent)},
+    cwd=home,
+    check=True,
+    timeout=120,
+  )
+  assert (home / "mofo" / "launched").read_text().startswith("--distributed --model Llama-3.1-8B")
+  build_parser().parse_args(launch[launch.index("--") + 1 :])
+  text = (tmp_path / "gcloud.out").read_text()
+  ran = len(logged(tmp_path))
+  assert text.count("== exit ") == ran and text.count(AUTH) == ran, text
+  for bad in ("unrecognized arguments", "argument ", "Invalid value", "invalid choice"):
+    assert bad not in text, text

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from mofo_jax.finetune import storage
 
@@ -93,8 +95,7 @@ class RunCheckpoints:
     for step in reversed(steps):
       # A fresh checkpointer per attempt: a failed restore leaves a manager in a bad state.
       try:
-        with ocp.StandardCheckpointer() as checkpointer:
-          tree = checkpointer.restore(self.directory / str(step) / "default", abstract)
+        tree = _restore(self.directory / str(step) / "default", abstract)
       except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         failures.append((step, reason))
@@ -140,6 +141,76 @@ class RunCheckpoints:
 
 
 write_json_atomic = storage.write_json_atomic
+
+
+def common_token() -> str:
+  """A random hex token, the same on every process (process 0's); every process must call it."""
+  from jax.experimental import multihost_utils
+
+  words = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint32))
+  return "".join(f"{int(w):08x}" for w in words)
+
+
+def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
+  """The processes that cannot see a file process 0 writes into ``directory``.
+
+  Every process of a multi-host run writes its own shards of each checkpoint, and process 0
+  commits the step: on per-host local disks no host would hold a whole checkpoint. Process 0
+  writes a marker file with a fresh name, every process looks for it, and process 0 removes it
+  (and the directory, if it made it for the probe). A ``gs://`` URL is shared by construction
+  and not probed; a single process shares with itself. Every process must call this (it holds
+  collectives).
+
+  Args:
+    directory: the checkpoint directory.
+
+  Returns:
+    The indices of the processes that did not see the marker (empty: the directory is shared).
+  """
+  if jax.process_count() == 1 or storage.is_remote(directory):
+    return []
+  from jax.experimental import multihost_utils
+
+  # A fresh name: a marker left by an earlier probe cannot answer.
+  directory = Path(storage.resolve(directory))
+  marker = directory / f".mofo-shared-{common_token()}"
+  lead = jax.process_index() == 0
+  made = lead and not directory.exists()
+  if lead:
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"written by process 0 of {jax.process_count()}\n")
+  multihost_utils.sync_global_devices("mofo_jax shared directory: marker written")
+  seen = multihost_utils.process_allgather(np.array(marker.exists()))
+  multihost_utils.sync_global_devices("mofo_jax shared directory: marker read")
+  if lead:
+    marker.unlink(missing_ok=True)
+    if made:
+      directory.rmdir()
+  # Nobody looks at the directory again (is it empty?) before the marker is gone.
+  multihost_utils.sync_global_devices("mofo_jax shared directory: marker removed")
+  return [int(i) for i in np.flatnonzero(~np.asarray(seen))]
+
+
+def _restore(path, abstract: Any) -> Any:
+  """Restores ``abstract`` from one step; top-level entries the step has beyond it are skipped.
+
+  Runs saved before the pretrained copy left the checkpoints hold a ``reference`` entry: it is
+  not read (orbax's partial restore), so such a step resumes without a device copy of it. Only
+  extra saved entries are skipped; a missing one fails as any mismatch does.
+  """
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata
+    saved = getattr(saved, "tree", None)
+    extra = isinstance(abstract, dict) and isinstance(saved, Mapping) and set(saved) > set(abstract)
+    if not extra:
+      return checkpointer.restore(path, abstract)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+    )
 
 
 def is_step_dir(name: str) -> bool:

@@ -1,13 +1,19 @@
-"""Runs mofo-finetune and SIGKILLs it at a chosen point (used by tests/finetune/test_cli_faults.py).
+"""Runs mofo-finetune and SIGKILLs or SIGTERMs it at a chosen point (tests/finetune/test_cli_*).
 
 Usage: python fault_worker.py MODE N -- CLI ARGS
   MODE none: run to the end; step: die right after step N; save: die while saving step N, its
-  files written but not yet committed; save-start: die as soon as step N's save is started.
+  files written but not yet committed; save-start: die as soon as step N's save is started;
+  sigterm: send itself SIGTERM right after step N, then go on as slow does; slow: sleep
+  SLOW_S after each step from step N on (so that a peer's preemption notice, which JAX
+  polls for once a second, reaches this process before the run ends).
 """
 
 import os
 import signal
 import sys
+import time
+
+SLOW_S = 0.5
 
 
 def _die() -> None:
@@ -34,13 +40,17 @@ def main() -> int:
 
   from mofo_jax.finetune import checkpointing, cli, train
 
-  if mode == "step":
+  if mode in ("step", "sigterm", "slow"):
     step = train.Trainer.train_step
 
     def train_step(self, batch):
       out = step(self, batch)
-      if self.state.step == n:
+      if self.state.step == n and mode == "step":
         _die()
+      if self.state.step == n and mode == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+      if self.state.step >= n and mode != "step":
+        time.sleep(SLOW_S)
       return out
 
     train.Trainer.train_step = train_step

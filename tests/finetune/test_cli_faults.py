@@ -18,6 +18,7 @@ from safetensors.numpy import load
 
 # Imported before any gs:// path is used: it turns off gcsfs's listing cache.
 from mofo_jax.finetune import storage
+from tests.processes import free_port
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 
@@ -50,7 +51,8 @@ def _args(model, steps=6):
   ]
 
 
-def _run(mode, n, args, cache):
+def _command(mode, n, args, cache, devices=None):
+  """argv and environment of a fault_worker run (``devices``: simulated CPU devices)."""
   env = {
     **os.environ,
     "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
@@ -58,13 +60,52 @@ def _run(mode, n, args, cache):
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
   }
-  return subprocess.run(
-    [sys.executable, str(WORKER), mode, str(n), "--", *args],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return [sys.executable, str(WORKER), mode, str(n), "--", *args], env
+
+
+def _run(mode, n, args, cache, devices=None):
+  argv, env = _command(mode, n, args, cache, devices)
+  return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run_processes(modes, n, args, cache, logs, devices=4, cwds=None, timeout=300):
+  """Runs one fault_worker per mode as the processes of one --distributed run.
+
+  Args:
+    modes: each process's fault_worker mode (process i gets ``modes[i]``).
+    logs: a directory for each process's output (files: a full pipe would stall a process
+      while its peer waits for it in a collective).
+    cwds: each process's working directory (default: this one).
+
+  Returns:
+    ``subprocess.CompletedProcess`` per process, output in ``stderr``.
+  """
+  port = free_port()
+  Path(logs).mkdir(parents=True, exist_ok=True)
+  procs = []
+  for i, mode in enumerate(modes):
+    flags = ["--distributed", "--coordinator-address", f"127.0.0.1:{port}"]
+    flags += ["--num-processes", str(len(modes)), "--process-id", str(i)]
+    argv, env = _command(mode, n, [*args, *flags], cache, devices)
+    with open(Path(logs) / f"process{i}.log", "w") as log:
+      cwd = cwds[i] if cwds else None
+      procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=cwd))
+  try:
+    for proc in procs:
+      proc.wait(timeout=timeout)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return [
+    subprocess.CompletedProcess(
+      p.args, p.returncode, "", (Path(logs) / f"process{i}.log").read_text()
+    )
+    for i, p in enumerate(procs)
+  ]
 
 
 def _metrics(out):
@@ -91,19 +132,19 @@ def test_killed_runs_resume_to_the_uninterrupted_run(tiny_checkpoint, tmp_path, 
     assert steps, (mode, n)
   done = _run("none", 0, run + ["--resume"], cache)
   assert done.returncode == 0, done.stderr[-2000:]
+  assert_same_run(out, tmp_path / "ref", evals=[0, 3, 6])
 
-  want = load((tmp_path / "ref" / "model" / "model.safetensors").read_bytes())
+
+def assert_same_run(out, ref, evals):
+  """The run in ``out`` ended bit for bit as the one in ``ref``: model, metrics, baseline."""
+  want = load((ref / "model" / "model.safetensors").read_bytes())
   got = load((out / "model" / "model.safetensors").read_bytes())
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   metrics = _metrics(out)
-  assert metrics == _metrics(tmp_path / "ref")
-  assert [(r["kind"], r["step"]) for r in metrics if r["kind"] == "eval"] == [
-    ("eval", 0),
-    ("eval", 3),
-    ("eval", 6),
-  ]
+  assert metrics == _metrics(ref)
+  assert [r["step"] for r in metrics if r["kind"] == "eval"] == evals
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["before"]["step"] == 0 and summary["after"]["step"] == 6
-  assert summary["before"] == json.loads((tmp_path / "ref" / "summary.json").read_text())["before"]
+  assert summary["before"]["step"] == 0 and summary["after"]["step"] == evals[-1]
+  assert summary["before"] == json.loads((ref / "summary.json").read_text())["before"]

@@ -1,0 +1,161 @@
+"""Approximate selection with Adam's moments and the count of kept entries in one Pallas pass.
+
+:class:`mofo_jax.ApproxSelection` takes each block's threshold from a sample of the gradient and
+the old momentum, read before the pass, so nothing has to be searched over the parameters. On
+XLA:TPU its mask still goes through a 1-byte buffer (the new momentum is an expression XLA may
+recompute with other rounding per fusion, and the mask and the count of kept entries must read
+one value), read by the update and by the count. Here the fused kernel of
+:mod:`mofo_jax._pallas_selection` reads g, m and v once, writes the new m and v over the old
+ones and counts, per block, the new ``|m|``'s keys at or above the sampled threshold: the count
+and the mask (XLA compares the kernel's m buffer with the threshold and fuses that into the
+masked update) read the same materialised values, with no mask buffer and no counting pass.
+
+The leaves the kernels take are those of :class:`mofo_jax.PallasSelection` (grouped the same
+way); the others, a global block, several devices and every platform but TPU (``"auto"``) go
+through the ``fallback`` :class:`mofo_jax.ApproxSelection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax.numpy as jnp
+from jax import lax
+
+from mofo_jax import _approx
+from mofo_jax import _counts
+from mofo_jax import _pallas_selection as _ps
+from mofo_jax import _selection
+
+
+def kept_group(gs, mus, nus, taus, t: _ps.Tiling, first_moment, second_moment, *, interpret=False):
+  """One fused pass over a group of leaves sharing the tiling ``t`` (see
+  :func:`mofo_jax._pallas_selection.fused_moments`): per leaf the new m and v, and per block
+  (``[len(gs) * num_blocks]``, leaf-major) the count of entries whose new ``|m|`` reaches the
+  block's threshold in ``taus`` (float32, the same order)."""
+  keys = lax.bitcast_convert_type(taus.astype(jnp.float32), jnp.uint32)
+  ms, vs, tiles = _ps.fused_moments(
+    gs, mus, nus, _ps._signed(keys), t, first_moment, second_moment, interpret=interpret
+  )
+  counts = _ps.block_counts(tiles, t, 1)
+  return ms, vs, _counts.Count(*(a[:, 0] for a in counts))
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasApproxSelection:
+  """``selection=``: :class:`mofo_jax.ApproxSelection`'s sampled thresholds, with the moments and
+  the count of kept entries fused into one Pallas TPU kernel pass where a leaf allows it (see
+  module), the ``fallback`` selection elsewhere.
+
+  The thresholds are the fallback's (sampled from the gradient and the old momentum before the
+  pass); masks, counts, thresholds and new moments equal ``ApproxSelection(sample_from="inputs")``'s
+  bit for bit in interpret mode (tested), except the sign of a zero new momentum where the old
+  one and the gradient are both ``-0.0`` (the XLA path adds ``+0.0`` to the old momentum, to
+  order its reads before the in-place update).
+
+  Attributes:
+    kernel: ``"auto"``: the kernels when the program is lowered for TPU on one device
+      (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
+      kernels wherever they apply (on CPU only with ``interpret``).
+    interpret: run the kernels in Pallas's interpreter (tests on CPU).
+    tile_entries: entries per VMEM tile (see :func:`mofo_jax._pallas_selection.tiling`).
+    fallback: the :class:`mofo_jax.ApproxSelection` whose thresholds (``sample_size``) are used,
+      and which selects the leaves the kernels do not take.
+
+  Example:
+    >>> import mofo_jax
+    >>> opt = mofo_jax.mofo(1e-3, selection=mofo_jax.PallasApproxSelection())
+  """
+
+  kernel: Literal["auto", "always"] = "auto"
+  interpret: bool = False
+  tile_entries: int = _ps.TILE_ENTRIES
+  fallback: _approx.ApproxSelection = dataclasses.field(default_factory=_approx.ApproxSelection)
+
+  def __post_init__(self):
+    if self.kernel not in ("auto", "always"):
+      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
+    if not isinstance(self.tile_entries, int) or self.tile_entries < 1024:
+      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+    if not isinstance(self.fallback, _approx.ApproxSelection):
+      raise ValueError(f"fallback={self.fallback!r} must be an ApproxSelection.")
+
+  def initial_thresholds(self, leaves, filtered, specs):
+    return self.fallback.initial_thresholds(leaves, filtered, specs)
+
+  def select(self, scores, filtered, specs, is_global, fraction, previous=None):
+    return self.fallback.select(scores, filtered, specs, is_global, fraction, previous=previous)
+
+  def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
+    """The new moments and the masks of the sampled thresholds of the new first moment (see
+    :func:`mofo_jax.select_momentum`), by the kernels for the leaves they take."""
+    tilings = _ps.kernel_tilings(
+      moments, filtered, specs, is_global, self.kernel, self.tile_entries
+    )
+
+    def fallback():
+      return self.fallback.select_momentum(
+        moments, filtered, specs, is_global, fraction, previous=previous
+      )
+
+    if not any(tilings):
+      return fallback()
+
+    def kernels():
+      return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings)
+
+    if self.kernel == "always":
+      return kernels()
+    return lax.platform_dependent(tpu=kernels, default=fallback)
+
+  def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings):
+    rest = [i for i, t in enumerate(tilings) if t is None]
+    pick = lambda xs: [xs[i] for i in rest]
+    sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
+    # The XLA path's samples from its inputs (the thresholds are the same either way).
+    inputs = dataclasses.replace(self.fallback, sample_from="inputs")
+    results = [[None] * len(tilings) for _ in range(5)]
+    if rest:
+      outs = _selection.select_momentum(
+        inputs, sub, pick(filtered), pick(specs), is_global, fraction
+      )
+      _ps.scatter(results, rest, outs)
+    taken = [i for i, t in enumerate(tilings) if t is not None]
+    taus = inputs.thresholds(
+      [(moments.grads[i], moments.mus[i]) for i in taken],
+      moments.first_moment,
+      [True] * len(taken),
+      [specs[i] for i in taken],
+      is_global,
+      fraction,
+    )
+    tau_of = dict(zip(taken, taus))
+    dtypes = [(g.dtype, mu.dtype, nu.dtype) for g, mu, nu in zip(*moments[:3])]
+    shapes = [g.shape for g in moments.grads]
+    for t, idx in _ps.groups(shapes, specs, dtypes, tilings, self.tile_entries):
+      g, mu, nu = (
+        [x[i].reshape(t.rows, t.cols) for i in idx]
+        for x in (moments.grads, moments.mus, moments.nus)
+      )
+      ms, vs, counts = kept_group(
+        g,
+        mu,
+        nu,
+        jnp.concatenate([tau_of[i].reshape(-1) for i in idx]),
+        t,
+        moments.first_moment,
+        moments.second_moment,
+        interpret=self.interpret,
+      )
+      for j, i in enumerate(idx):
+        shape = shapes[i]
+        m = ms[j].reshape(shape)
+        per_leaf = slice(j * t.num_blocks, (j + 1) * t.num_blocks)
+        count = _counts.Count(*(a[per_leaf] for a in counts))
+        results[0][i], results[1][i] = m, vs[j].reshape(shape)
+        results[2][i] = _selection.block_mask(m, specs[i], tau_of[i])
+        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
+        results[4][i] = tau_of[i]
+    return tuple(results)
