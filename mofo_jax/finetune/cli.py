@@ -104,6 +104,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
   """The data (arithmetic or the user's file), its batches, and the forgetting measures."""
+  from mofo_jax.finetune.run_config import DISTANCE_METRICS
+
   g = p.add_argument_group("data")
   g.add_argument(
     "--data",
@@ -149,6 +151,15 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     default=2,
     help="batches of pydoc / Bible text scored for forgetting, besides the general-knowledge "
     "cloze prompts; 0 measures neither (default: 2)",
+  )
+  g.add_argument(
+    "--distance-metrics",
+    choices=DISTANCE_METRICS,
+    default="device",
+    help="where the pretrained weights behind l2_from_pretrained and fraction_changed are kept: "
+    "'device' (one more copy of the params per device), 'host' (host memory, compared one "
+    "parameter at a time: the same values), 'off' (no such metrics); never in checkpoints "
+    "(default: %(default)s)",
   )
 
 
@@ -359,6 +370,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
       old_text_batches=args.old_text_batches,
       eval_every=args.eval_every,
       eval_data=args.eval_data,
+      distance_metrics=args.distance_metrics,
     ),
     output=rc.OutputSettings(
       output_dir=args.output_dir,
