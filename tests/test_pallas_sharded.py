@@ -169,3 +169,13 @@ def test_whole_sharded_steps_equal_one_device(axis_type):
   p_ref, state_ref = sm.run_unsharded(opt(mofo_jax.ExactSelection()))
   jax.tree.map(np.testing.assert_array_equal, p, p_ref)
   jax.tree.map(np.testing.assert_array_equal, state, state_ref)
+
+
+def test_specs_must_match_the_leaves():
+  mesh = _mesh()
+  x = jnp.zeros((8, 128))
+  with pytest.raises(ValueError, match="1 PartitionSpecs for 2 leaves"):
+    _pallas_sharded.layout(mesh, (P("fsdp"),), [x, x])
+  # A pytree of NamedShardings is kept as a hashable tuple of PartitionSpecs.
+  sel = ps.PallasSelection(mesh=mesh, specs={"a": NamedSharding(mesh, P("fsdp")), "b": P()})
+  assert sel.specs == (P("fsdp"), P()) and hash(sel)
