@@ -126,17 +126,11 @@ class PallasApproxSelection:
     return lax.platform_dependent(tpu=kernels, default=fallback)
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings, shards):
-    rest = [i for i, t in enumerate(tilings) if t is None]
-    pick = lambda xs: [xs[i] for i in rest]
-    sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
     # The XLA path's samples from its inputs (the thresholds are the same either way).
     inputs = dataclasses.replace(self.fallback, sample_from="inputs")
-    results = [[None] * len(tilings) for _ in range(5)]
-    if rest:
-      outs = _selection.select_momentum(
-        inputs, sub, pick(filtered), pick(specs), is_global, fraction
-      )
-      _ps.scatter(results, rest, outs)
+    results = _selection.select_momentum_rest(
+      inputs, moments, filtered, specs, is_global, fraction, None, [t is not None for t in tilings]
+    )
     taken = [i for i, t in enumerate(tilings) if t is not None]
     taus = inputs.thresholds(
       [(moments.grads[i], moments.mus[i]) for i in taken],

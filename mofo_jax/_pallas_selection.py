@@ -504,13 +504,6 @@ def unstack(ms, vs, per_block, t: Tiling, spec, shape):
   return ([x.reshape(shape) for x in ms], [x.reshape(shape) for x in vs]), tuple(per_leaf)
 
 
-def scatter(results: list[list[Any]], idx: list[int], outs) -> None:
-  """Puts ``outs`` (per result, one entry per leaf of ``idx``) at ``idx`` of ``results``."""
-  for j, i in enumerate(idx):
-    for r, o in zip(results, outs):
-      r[i] = o[j]
-
-
 @dataclasses.dataclass(frozen=True)
 class PallasSelection:
   """``selection=``: exact selection with the momentum's search fused into Adam's pass by Pallas
@@ -596,20 +589,16 @@ class PallasSelection:
     return lax.platform_dependent(tpu=kernels, default=fallback)
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings, shards):
-    rest = [i for i, t in enumerate(tilings) if t is None]
-    pick = lambda xs: [xs[i] for i in rest]
-    sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
-    outs = _selection.select_momentum(
+    results = _selection.select_momentum_rest(
       self.fallback,
-      sub,
-      pick(filtered),
-      pick(specs),
+      moments,
+      filtered,
+      specs,
       is_global,
       fraction,
-      previous=None if previous is None else pick(previous),
+      previous,
+      [t is not None for t in tilings],
     )
-    results = [[None] * len(tilings) for _ in range(5)]
-    scatter(results, rest, outs)
     dtypes = [(g.dtype, mu.dtype, nu.dtype) for g, mu, nu in zip(*moments[:3])]
     shapes = local_shapes(moments, shards)
     for t, idx in groups(shapes, specs, dtypes, tilings, self.tile_entries, shards):

@@ -691,6 +691,39 @@ def select_momentum(
   return mus, nus, masks, kept, thresholds
 
 
+def select_momentum_rest(
+  fallback: Selection,
+  moments: MomentUpdate,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  previous: list[jax.Array] | None,
+  take: list[bool],
+) -> list[list]:
+  """:func:`select_momentum`'s five result lists, filled by ``fallback`` for the leaves ``take``
+  leaves out and None at the leaves it marks (the ones a kernel selects)."""
+  rest = [i for i, t in enumerate(take) if not t]
+  results = [[None] * len(take) for _ in range(5)]
+  if not rest:
+    return results
+  pick = lambda xs: [xs[i] for i in rest]
+  sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
+  outs = select_momentum(
+    fallback,
+    sub,
+    pick(filtered),
+    pick(specs),
+    is_global,
+    fraction,
+    previous=None if previous is None else pick(previous),
+  )
+  for j, i in enumerate(rest):
+    for r, o in zip(results, outs):
+      r[i] = o[j]
+  return results
+
+
 def select_momentum_split(
   fallback: Selection,
   moments: MomentUpdate,
@@ -705,22 +738,9 @@ def select_momentum_split(
   """:func:`select_momentum`'s results, with the leaves ``take`` marks selected one by one by
   ``select_leaf(i)`` (new m, new v, block-shaped threshold, per-block count: a kernel) and the
   others by ``fallback``."""
-  rest = [i for i, t in enumerate(take) if not t]
-  pick = lambda xs: [xs[i] for i in rest]
-  sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
-  outs = select_momentum(
-    fallback,
-    sub,
-    pick(filtered),
-    pick(specs),
-    is_global,
-    fraction,
-    previous=None if previous is None else pick(previous),
+  results = select_momentum_rest(
+    fallback, moments, filtered, specs, is_global, fraction, previous, take
   )
-  results = [[None] * len(take) for _ in range(5)]
-  for j, i in enumerate(rest):
-    for r, o in zip(results, outs):
-      r[i] = o[j]
   for i in (i for i, t in enumerate(take) if t):
     m, v, tau, count = select_leaf(i)
     results[0][i], results[1][i], results[4][i] = m, v, tau
