@@ -54,3 +54,17 @@ def _tails(logs):
   return "\n".join(
     f"--- process {i} (last 3000 chars) ---\n{log[-3000:]}" for i, log in enumerate(logs)
   )
+
+
+def initialize(process_id: int, port: int, num: int = 2) -> None:
+  """``jax.distributed.initialize`` for a worker that ``run_workers`` started."""
+  import jax
+
+  # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=num,
+    process_id=process_id,
+    initialization_timeout=30,
+  )

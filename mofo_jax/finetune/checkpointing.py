@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,7 @@ class RunCheckpoints:
     for step in reversed(steps):
       # A fresh checkpointer per attempt: a failed restore leaves a manager in a bad state.
       try:
-        with ocp.StandardCheckpointer() as checkpointer:
-          tree = checkpointer.restore(self.directory / str(step) / "default", abstract)
+        tree = _restore(self.directory / str(step) / "default", abstract)
       except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         failures.append((step, reason))
@@ -190,6 +189,28 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
   # Nobody looks at the directory again (is it empty?) before the marker is gone.
   multihost_utils.sync_global_devices("mofo_jax shared directory: marker removed")
   return [int(i) for i in np.flatnonzero(~np.asarray(seen))]
+
+
+def _restore(path, abstract: Any) -> Any:
+  """Restores ``abstract`` from one step; top-level entries the step has beyond it are skipped.
+
+  Runs saved before the pretrained copy left the checkpoints hold a ``reference`` entry: it is
+  not read (orbax's partial restore), so such a step resumes without a device copy of it. Only
+  extra saved entries are skipped; a missing one fails as any mismatch does.
+  """
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata
+    saved = getattr(saved, "tree", None)
+    extra = isinstance(abstract, dict) and isinstance(saved, Mapping) and set(saved) > set(abstract)
+    if not extra:
+      return checkpointer.restore(path, abstract)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+    )
 
 
 def is_step_dir(name: str) -> bool:

@@ -28,6 +28,7 @@ examples:
   mofo-finetune --checkpoint-dir runs/ckpt --checkpoint-every 50 --resume
   mofo-finetune --param-dtype float32 --compute-dtype bfloat16 --mesh data=1,fsdp=-1
   mofo-finetune plan --model llama-3.1-8b --topology v5e:4x4   (memory and fit; see plan --help)
+  mofo-finetune generate --model runs/adamw/model --prompt "What is 17 + 25?"   (see generate --help)
 
 exit status: 0 done, 1 training diverged (NaN/Inf; the last good checkpoint is kept),
 2 a usage or input error (one line naming the flag or file), 75 preempted (SIGTERM: every
@@ -103,6 +104,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
   """The data (arithmetic or the user's file), its batches, and the forgetting measures."""
+  from mofo_jax.finetune.run_config import DISTANCE_METRICS
+
   g = p.add_argument_group("data")
   g.add_argument(
     "--data",
@@ -148,6 +151,15 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     default=2,
     help="batches of pydoc / Bible text scored for forgetting, besides the general-knowledge "
     "cloze prompts; 0 measures neither (default: 2)",
+  )
+  g.add_argument(
+    "--distance-metrics",
+    choices=DISTANCE_METRICS,
+    default="device",
+    help="where the pretrained weights behind l2_from_pretrained and fraction_changed are kept: "
+    "'device' (one more copy of the params per device), 'host' (host memory, compared one "
+    "parameter at a time: the same values), 'off' (no such metrics); never in checkpoints "
+    "(default: %(default)s)",
   )
 
 
@@ -358,6 +370,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
       old_text_batches=args.old_text_batches,
       eval_every=args.eval_every,
       eval_data=args.eval_data,
+      distance_metrics=args.distance_metrics,
     ),
     output=rc.OutputSettings(
       output_dir=args.output_dir,
@@ -386,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     from mofo_jax.finetune import plan
 
     return plan.main(argv[1:])
+  if argv[:1] == ["generate"]:
+    from mofo_jax.finetune import generate
+
+    return generate.main(argv[1:])
   from mofo_jax.finetune import runner
   from mofo_jax.finetune.preemption import EXIT_PREEMPTED, Preempted
   from mofo_jax.finetune.run_config import UserError

@@ -276,12 +276,41 @@ class LlamaAttention(nnx.Module):
     Returns:
       [B,T,D].
     """
+    return self.attend(*self.project(x, cos, sin), mask)
+
+  def project(
+    self, x: jax.Array, cos: jax.Array, sin: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rotated queries and keys and the values of ``x`` (what a KV cache stores).
+
+    Args:
+      x: hidden states [B,T,D].
+      cos: RoPE cosines [B,T,head_dim], float32.
+      sin: RoPE sines [B,T,head_dim], float32.
+
+    Returns:
+      ``(q, k, v)``: [B,T,H,head_dim] and twice [B,T,num_key_value_heads,head_dim].
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k, v = (constrain_activation(a, "batch", None, "tensor", None) for a in (q, k, v))
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of the queries over keys and values, through the output projection.
+
+    Args:
+      q: rotated queries [B,T,H,head_dim].
+      k: rotated keys [B,S,num_key_value_heads,head_dim].
+      v: values [B,S,num_key_value_heads,head_dim].
+      mask: boolean [B or 1, 1, T, S], True where query t may attend to key s.
+
+    Returns:
+      [B,T,D].
+    """
+    b, t = q.shape[:2]
     # The XLA path groups the query heads over the shared K/V heads and keeps the
     # softmax in float32.
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -430,17 +459,12 @@ class LlamaModel(nnx.Module):
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(c))
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    cos = constrain_activation(jnp.cos(angles), "batch", None, None)
-    sin = constrain_activation(jnp.sin(angles), "batch", None, None)
+    cos, sin = rope(c, positions)
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
     if segment_ids is not None:
       mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
-    # Cast before the lookup, so FSDP gathers the table in the compute dtype.
-    table = self.embed_tokens.embedding[...].astype(c.dtype)
-    x = constrain_activation(jnp.take(table, input_ids, axis=0), "batch", None, None)
+    x = self.embed(input_ids)
     step = _layer_step_remat if c.remat else _layer_step
     if c.scan_layers:
       # A plain lax.scan over the split state, rebuilding one layer per step: unlike
@@ -461,6 +485,29 @@ class LlamaModel(nnx.Module):
       for layer in self.layers:
         x = step(layer, x, cos, sin, mask)
     return constrain_activation(self.norm(x), "batch", None, None)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """The token embeddings [B,T,D] of ``input_ids`` [B,T], in the compute dtype."""
+    # Cast before the lookup, so FSDP gathers the table in the compute dtype.
+    table = self.embed_tokens.embedding[...].astype(self.config.dtype)
+    return constrain_activation(jnp.take(table, input_ids, axis=0), "batch", None, None)
+
+
+def rope(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """RoPE cosines and sines for token positions.
+
+  Args:
+    config: model config (head size, base, scaling).
+    positions: [B,T] int positions.
+
+  Returns:
+    ``(cos, sin)``, float32 [B,T,head_dim] each.
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(_inv_freq(config))
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  cos = constrain_activation(jnp.cos(angles), "batch", None, None)
+  sin = constrain_activation(jnp.sin(angles), "batch", None, None)
+  return cos, sin
 
 
 class LlamaForCausalLM(nnx.Module):

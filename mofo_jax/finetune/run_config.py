@@ -9,6 +9,7 @@ from typing import Any
 from mofo_jax.finetune.optimizers import OPTIMIZERS, OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
+DISTANCE_METRICS = ("device", "host", "off")  # distance.MODES, without importing jax here
 FORMAT = 1  # version of the JSON written by ``RunConfig.to_dict``
 
 
@@ -30,6 +31,8 @@ class ModelSettings:
     compute_dtype: dtype of the matmuls; logits are float32 regardless.
     remat: rematerialise layers in the backward pass (memory for compute; same numbers).
     scan_layers: stack the layers and scan over them.
+    fingerprint: a hash of the pretrained weights as loaded (``distance.fingerprint``),
+      recorded by the run; a resume refuses a model whose weights hash otherwise.
   """
 
   path: str | None = None
@@ -37,6 +40,7 @@ class ModelSettings:
   compute_dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = True
+  fingerprint: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +96,9 @@ class EvalSettings:
     at_start: evaluate the pretrained model before the first step (the baseline).
     eval_data: a file of the user's held-out records (as ``DataSettings.source``), scored for
       loss beside the forgetting measures; None holds out the end of the training file.
+    distance_metrics: where the pretrained copy behind ``l2_from_pretrained`` and
+      ``fraction_changed`` lives: ``"device"``, ``"host"`` or ``"off"`` (no such metrics); see
+      ``distance``.
   """
 
   eval_examples: int = 64
@@ -99,6 +106,7 @@ class EvalSettings:
   eval_every: int = 0
   at_start: bool = True
   eval_data: str | None = None
+  distance_metrics: str = "device"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +257,11 @@ class RunConfig:
         f"--grad-accum {self.data.grad_accum} does not divide --batch-size "
         f"{self.data.batch_size}: each micro-batch must have the same number of rows."
       )
+    if self.eval.distance_metrics not in DISTANCE_METRICS:
+      raise UserError(
+        f"--distance-metrics {self.eval.distance_metrics!r} is not one of "
+        f"{', '.join(DISTANCE_METRICS)}."
+      )
     if self.eval.eval_data is not None and self.data.source == "arithmetic":
       raise UserError("--eval-data is the held-out part of your own --data FILE; pass both.")
     if self.output.resume and not self.output.checkpoint_dir:
@@ -263,6 +276,8 @@ _FREE = {
   "steps",
   "mesh",
   "model.remat",
+  # Checked on its own after loading (the runner), where the new model's hash is known.
+  "model.fingerprint",
   "eval",
   "output",
   "distributed",

@@ -50,14 +50,17 @@ class Prepared:
 
 def _prepared_key(cfg: RunConfig) -> tuple:
   d, e = cfg.data, cfg.eval
-  return (cfg.model, d.source, d.difficulty, d.train_examples, d.seq_len, d.batch_size, d.truncate,
+  # The fingerprint is what loading gives, not a setting of it.
+  model = dataclasses.replace(cfg.model, fingerprint=None)
+  return (model, d.source, d.difficulty, d.train_examples, d.seq_len, d.batch_size, d.truncate,
           d.seed, e.eval_examples, e.old_text_batches,
           d.data_format, d.messages_field, d.prompt_field, d.completion_field, d.text_field,
           d.chat_template, e.eval_data)  # fmt: skip
 
 
 def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
-  """``(config, model, TextTokenizer)`` from a GGUF file, a HF directory, or the embedded default.
+  """``(config, model, TextTokenizer)`` from a GGUF file, a HF directory (local or ``gs://``), or
+  the embedded default.
 
   With a ``mesh`` every parameter is created in its sharding on that mesh and each process reads
   only the slices its devices hold (``checkpoints_hf.load_hf_checkpoint``); without one the model
@@ -79,14 +82,14 @@ def load_model(settings, mesh=None) -> tuple[Any, Any, Any]:
     "mesh": mesh,
   }
   try:
-    if path is not None and storage.is_remote(path):
+    if path is not None and storage.is_remote(path) and str(path).endswith(".gguf"):
       raise UserError(
-        f"--model {path}: models are read from a local path only; copy it first "
-        f"(gcloud storage cp -r {path} .)."
+        f"--model {path}: a GGUF file is read from a local path only; copy it first "
+        f"(gcloud storage cp {path} .)."
       )
     if path is None or str(path).endswith(".gguf"):
       return gguf_loader.load_gguf(path, **kwargs)
-    directory = Path(path)
+    directory = storage.as_path(path)
     if not directory.is_dir():
       raise UserError(f"--model {path}: neither a .gguf file nor a checkpoint directory.")
     if not (directory / "tokenizer.json").is_file():
@@ -354,6 +357,38 @@ def _require_shared(directory: str) -> None:
     )
 
 
+def _with_fingerprint(cfg: RunConfig, model) -> RunConfig:
+  """``cfg`` with the pretrained weights' fingerprint; a resume refuses other weights.
+
+  A run with checkpoints records the hash of the weights it started from
+  (``distance.fingerprint``): a resume re-reads the pretrained copy from ``--model`` rather
+  than from the checkpoint, so a changed model would silently change the distance metrics.
+
+  Raises:
+    UserError: resuming a run that recorded other weights (unless ``allow_config_change``).
+  """
+  from flax import nnx
+
+  from mofo_jax.finetune import distance
+
+  out = cfg.output
+  if out.checkpoint_dir is None:
+    return cfg
+  fingerprint = distance.fingerprint(nnx.state(model, nnx.Param))
+  saved = (
+    _saved_config(storage.as_path(out.checkpoint_dir), "--checkpoint-dir") if out.resume else None
+  )
+  recorded = saved and saved.model.fingerprint
+  if recorded and recorded != fingerprint and not out.allow_config_change:
+    raise UserError(
+      f"--model {cfg.model.path or 'SmolLM2 (default)'}: its weights are not those the run in "
+      f"--checkpoint-dir {out.checkpoint_dir} started from (fingerprint {fingerprint[:12]}, "
+      f"recorded {recorded[:12]}): the distance from pretrained would be measured from another "
+      "model. Pass the run's model, or --allow-config-change to resume anyway."
+    )
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fingerprint=fingerprint))
+
+
 def _clear_checkpoints(directory) -> None:
   """With ``overwrite``: removes a previous run's steps and run files (nothing else)."""
   for entry in storage.as_path(directory).iterdir():
@@ -419,10 +454,19 @@ def run(
       f"micro-batch cannot be split over the {shards} data x fsdp shards of --mesh {cfg.mesh}."
     )
   if prepared is None:
-    prepared = prepare(cfg, warn, mesh)
+    loaded_here, prepared = True, prepare(cfg, warn, mesh)
   elif prepared.key != _prepared_key(cfg):
     raise ValueError("prepared was built from other model, data or evaluation settings.")
-  trainer = train.make_trainer(prepared.model, cfg.optimizer, cfg.mesh, d.grad_accum)
+  else:
+    loaded_here = False
+  cfg = _with_fingerprint(cfg, prepared.model)
+  trainer = train.make_trainer(
+    prepared.model, cfg.optimizer, cfg.mesh, d.grad_accum, cfg.eval.distance_metrics
+  )
+  if loaded_here:
+    # The trainer has its own copy of the weights (and the pretrained copy where the user put
+    # it): the loaded model would otherwise hold one more copy on the devices for the whole run.
+    prepared = dataclasses.replace(prepared, model=None)
   try:
     batches = data_lib.batch_iterator(
       prepared.train_examples,
@@ -477,25 +521,27 @@ def run(
   if lead:
     log(format_summary(before or {}, last, wall))
   if out is not None:
-    _save_model(trainer, prepared, out / "model", lead)
+    _save_model(trainer, prepared, out / "model", lead, cfg.model.path)
     if lead:
       checkpointing.write_json_atomic(out / "summary.json", summary)
   return RunResult(cfg, records, summary, trainer)
 
 
-def _save_model(trainer, prepared, target, lead: bool) -> None:
-  """The fine-tuned model and tokenizer as a Hugging Face directory at ``target``.
+def _save_model(trainer, prepared, target, lead: bool, source: str | None) -> None:
+  """The fine-tuned model, tokenizer and generation config (``source``'s, or the tokenizer's
+  special ids) as a Hugging Face directory at ``target``.
 
   Every process joins the save (params may span hosts; it copies one tensor at a time to the
   host and process 0 writes), so no device ever holds the whole model. A ``gs://`` target is
   written to a local temporary directory first and uploaded with ``config.json`` last.
   """
-  from mofo_jax.finetune import checkpoints_hf, tokenizer
+  from mofo_jax.finetune import checkpoints_hf, generate, tokenizer
 
   if not storage.is_remote(target):
     checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, target)
     if lead:
       tokenizer.save_tokenizer(prepared.tokenizer, target)
+      generate.save_generation_config(prepared.tokenizer, target, source)
     return
   # Every process passes the same path (the save synchronises on it); process 0 alone writes.
   staging = Path(tempfile.gettempdir()) / f"mofo-model-{checkpointing.common_token()}"
@@ -503,6 +549,7 @@ def _save_model(trainer, prepared, target, lead: bool) -> None:
     checkpoints_hf.save_hf_checkpoint(trainer.model(), prepared.model_config, staging / "model")
     if lead:
       tokenizer.save_tokenizer(prepared.tokenizer, staging / "model")
+      generate.save_generation_config(prepared.tokenizer, staging / "model", source)
       storage.upload_dir(staging / "model", target, last="config.json")
   finally:
     if lead:

@@ -12,6 +12,8 @@ import gguf
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from mofo_jax.finetune import storage
+
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) that we can rebuild exactly.
 _PRE_TOKENIZERS = {
   "smollm": lambda: pre_tokenizers.Sequence(
@@ -173,7 +175,7 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
   ``chat_template``), when there is one.
 
   Args:
-    path: the file or directory.
+    path: the file or directory: a local path, or a ``gs://`` URL for ``tokenizer.json``.
 
   Returns:
     The wrapped tokenizer.
@@ -181,14 +183,14 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
   Raises:
     FileNotFoundError: nothing loadable at ``path``.
   """
-  path = Path(path)
+  path = storage.as_path(path)
   if path.is_dir():
     path = path / "tokenizer.json"
   if not path.is_file():
     raise FileNotFoundError(f"no tokenizer at {path}")
   if path.suffix == ".gguf":
-    return text_tokenizer_from_gguf(path)
-  tok = tokenizers.Tokenizer.from_file(str(path))
+    return text_tokenizer_from_gguf(Path(path))
+  tok = tokenizers.Tokenizer.from_str(path.read_text())
   cfg_file = path.parent / "tokenizer_config.json"
   cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
   return TextTokenizer(

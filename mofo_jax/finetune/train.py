@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mofo_jax
-from mofo_jax.finetune import checkpointing, optimizers, preemption, storage
+from mofo_jax.finetune import checkpointing, distance, optimizers, preemption, storage
 from mofo_jax.finetune.step import make_train_step
 
 Batch = Mapping[str, np.ndarray]
@@ -93,6 +93,9 @@ class Trainer:
     param_shardings: a pytree of ``NamedSharding`` like the params (default: replicated).
     grad_accum: micro-batches per optimizer step; a batch's leading dimension is split into
       this many slices whose gradients are averaged inside the step.
+    distance_metrics: where the pretrained copy for :meth:`distance_from_pretrained` lives:
+      ``"device"`` (a second copy of the params on the devices), ``"host"`` (in host memory,
+      put back one leaf at a time) or ``"off"`` (none; no such metrics). See ``distance``.
   """
 
   def __init__(
@@ -102,6 +105,7 @@ class Trainer:
     mesh: jax.sharding.Mesh,
     param_shardings: Any = None,
     grad_accum: int = 1,
+    distance_metrics: str = "device",
   ):
     if grad_accum < 1:
       raise ValueError(f"grad_accum={grad_accum} must be at least 1.")
@@ -113,10 +117,12 @@ class Trainer:
     self.param_shardings = (
       jax.tree.map(lambda _: replicated, params) if param_shardings is None else param_shardings
     )
-    # The pretrained weights, for metrics; the trained copy is donated step after step, so it
-    # must not share buffers with the caller's model.
-    self.reference = jax.device_put(params, self.param_shardings)
-    params = jax.tree.map(jnp.copy, self.reference)
+    # The trained copy is donated step after step, so it must not share buffers with the
+    # caller's model (which the "device" copy keeps as the pretrained weights).
+    pretrained = jax.device_put(params, self.param_shardings)
+    self.pretrained = distance.pretrained_copy(distance_metrics, pretrained)
+    params = jax.tree.map(jnp.copy, pretrained)
+    del pretrained
     self.rest = jax.device_put(self.rest, replicated)
     self.opt_shardings = mofo_jax.state_shardings(optimizer, params)
     opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(params)
@@ -128,7 +134,6 @@ class Trainer:
       out_shardings=(self.param_shardings, self.opt_shardings, None),
     )
     self._evals: dict[Callable, Callable] = {}
-    self._distance = jax.jit(self._distance_fn)
     self._finite = jax.jit(
       lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]))
     )
@@ -168,13 +173,6 @@ class Trainer:
         totals[k] = totals.get(k, 0.0) + float(v)
     return totals
 
-  @staticmethod
-  def _distance_fn(params, reference):
-    diff = jax.tree.map(
-      lambda p, r: p.astype(jnp.float32) - r.astype(jnp.float32), params, reference
-    )
-    return optax.tree.norm(diff), [count_nonzero_exact(d) for d in jax.tree.leaves(diff)]
-
   def shard_batch(self, batch: Batch) -> dict[str, jax.Array]:
     """Places a host batch (this process's rows) on the mesh, split over data and fsdp."""
     rows = len(next(iter(batch.values())))
@@ -200,57 +198,25 @@ class Trainer:
   def distance_from_pretrained(self) -> dict[str, float]:
     """L2 distance from the pretrained params and the fraction of entries ever changed.
 
-    The count of changed entries is exact for any model size (summed on the host from int32
-    partial counts, see :func:`count_nonzero_exact`), with or without ``jax_enable_x64``.
+    Empty with ``distance_metrics="off"``. The count of changed entries is exact for any model
+    size, with or without ``jax_enable_x64`` (see ``distance.distance_from_pretrained``).
     """
-    l2, partial = self._distance(self.state.params, self.reference)
-    changed = sum(int(np.asarray(c, np.int64).sum()) for c in partial)
-    total = sum(int(x.size) for x in jax.tree.leaves(self.reference))
-    return {"l2_from_pretrained": float(l2), "fraction_changed": changed / total}
+    return distance.distance_from_pretrained(self.state.params, self.pretrained)
 
   def params_finite(self) -> bool:
     """Whether every parameter is finite (no NaN or Inf)."""
     return bool(self._finite(self.state.params))
 
   def checkpoint_state(self) -> dict[str, Any]:
-    """What a checkpoint holds: params, optimizer state and the pretrained reference."""
-    return {
-      "params": self.state.params,
-      "opt_state": self.state.opt_state,
-      "reference": self.reference,
-    }
+    """What a checkpoint holds: params and optimizer state.
+
+    Not the pretrained copy: a resumed run reads it again from its input model.
+    """
+    return {"params": self.state.params, "opt_state": self.state.opt_state}
 
   def load_checkpoint_state(self, step: int, tree: Mapping[str, Any]) -> None:
     """Continues from a restored :meth:`checkpoint_state` taken at ``step``."""
     self.state = TrainState(step, tree["params"], tree["opt_state"])
-    self.reference = tree["reference"]
-
-
-def count_nonzero_exact(x: jax.Array, limit: int = 2**31 - 1) -> jax.Array:
-  """Partial int32 counts of the nonzero entries of ``x``, each exact; their sum is the count.
-
-  An int32 count of more than ``2**31 - 1`` entries would wrap, and int64 needs
-  ``jax_enable_x64``. So only the trailing axes whose sizes multiply to at most ``limit`` are
-  reduced; the leading axes stay, and the caller sums the (few) partial counts on the host in
-  Python integers. Exact for any size as long as one entry of the last axis fits (the last axis
-  has at most ``limit`` entries).
-
-  Args:
-    x: any array.
-    limit: the largest count one int32 partial may hold.
-
-  Returns:
-    int32 array of shape ``x.shape[:k]`` for the smallest ``k`` whose trailing block fits.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> count_nonzero_exact(jnp.array([[0.0, 1.0], [2.0, 3.0]]), limit=2)
-    Array([1, 2], dtype=int32)
-  """
-  k = 0
-  while math.prod(x.shape[k:]) > limit:
-    k += 1
-  return jnp.sum(x != 0, axis=tuple(range(k, x.ndim)), dtype=jnp.int32)
 
 
 class TrainingDiverged(Exception):
@@ -543,11 +509,16 @@ def _tensorboard(directory: str | None):
 
 
 def make_trainer(
-  model: nnx.Module, opt_cfg: optimizers.OptimizerConfig, mesh_spec: str = "", grad_accum: int = 1
+  model: nnx.Module,
+  opt_cfg: optimizers.OptimizerConfig,
+  mesh_spec: str = "",
+  grad_accum: int = 1,
+  distance_metrics: str = "device",
 ) -> Trainer:
   """A Trainer for ``model`` with the optimizer of ``opt_cfg`` on a (data, fsdp, tensor) mesh.
 
-  Params are sharded by their logical axis names (``model.LOGICAL_AXIS_RULES``).
+  Params are sharded by their logical axis names (``model.LOGICAL_AXIS_RULES``);
+  ``distance_metrics`` as in :class:`Trainer`.
   """
   from mofo_jax.finetune import model as model_lib
 
@@ -556,4 +527,4 @@ def make_trainer(
   params = nnx.state(model, nnx.Param)
   stacked = bool(getattr(getattr(model, "config", None), "scan_layers", False))
   optimizer = optimizers.make_optimizer(opt_cfg, params, stacked_layers=stacked)
-  return Trainer(model, optimizer, mesh, shardings, grad_accum)
+  return Trainer(model, optimizer, mesh, shardings, grad_accum, distance_metrics)

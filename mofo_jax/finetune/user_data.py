@@ -62,6 +62,9 @@ def load(cfg: RunConfig) -> Loaded:
       continue
     try:
       out.append(data_lib.load_dataset(path, d.data_format, fields))
+    except FileNotFoundError:
+      # gcsfs says only the object's API path ("b/bucket/o/name").
+      raise UserError(f"{flag} {path}: no such file.") from None
     except (ValueError, OSError) as e:
       raise UserError(f"{flag} {path}: {_one_line(e)}") from None
   return Loaded(*out)

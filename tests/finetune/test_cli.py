@@ -49,13 +49,13 @@ def snapshot(directory: Path) -> dict[str, str]:
   }
 
 
-def user_error(argv, capsys) -> str:
-  """Runs the CLI, expects exit status 2 and exactly one stderr line; returns it."""
+def user_error(argv, capsys, prog: str = "mofo-finetune") -> str:
+  """Runs the CLI, expects exit status 2 and exactly one stderr line from ``prog``; returns it."""
   code = cli.main(argv)
   err = capsys.readouterr().err
   lines = [x for x in err.splitlines() if x.strip()]
   assert code == 2, err
-  assert len(lines) == 1 and lines[0].startswith("mofo-finetune: error: "), err
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
   return lines[0]
 
 
@@ -109,6 +109,7 @@ def test_help_reads_well(capsys):
     "--compute-dtype",
     "--truncate",
     "--distributed-timeout",
+    "--distance-metrics",
     "SmolLM2",
   ):
     assert flag in out
@@ -129,6 +130,7 @@ def test_arithmetic_run_writes_metrics_summary_config_and_model(trained):
   saved = json.loads((out / "run_config.json").read_text())
   assert saved == json.loads((ckpt / "run_config.json").read_text()) == summary["config"]
   assert RunConfig.from_dict(saved).steps == 4
+  assert len(saved["model"]["fingerprint"]) == 64  # the pretrained weights' hash
   config, _ = checkpoints_hf.load_hf_checkpoint(out / "model")
   assert config.hidden_size == 32
 
@@ -149,6 +151,9 @@ def test_saved_model_reloads_to_the_same_tokens(trained, model_dir):
   hf = transformers.AutoTokenizer.from_pretrained(str(trained[0] / "model"))
   assert hf.eos_token_id == before.eos_token_id and hf.chat_template == TEMPLATE
   assert hf(text, add_special_tokens=False)["input_ids"] == before.encode(text)
+  # transformers' generate stops at our EOS (without generation_config.json, Llama's default 2).
+  generation = transformers.GenerationConfig.from_pretrained(str(trained[0] / "model"))
+  assert generation.eos_token_id == before.eos_token_id
 
 
 def test_a_model_without_eos_is_warned_about(tiny_checkpoint, tmp_path):
@@ -248,6 +253,34 @@ def test_resume_refuses_settings_that_change_the_optimization(trained, model_dir
   other = cli.config_from_args(cli.build_parser().parse_args(base + ["--decay-steps", "8"]))
   with pytest.raises(UserError, match="optimizer.total_steps: 4 -> 8"):
     runner.check_outputs(runner._resolved(other))
+
+
+def test_resume_refuses_a_model_with_other_weights(trained, model_dir, tmp_path, capsys):
+  """The pretrained copy is re-read from --model on resume (checkpoints do not hold it): a model
+  whose weights differ from the recorded fingerprint is refused in one line, nothing written."""
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+
+  out, ckpt = copy_run(trained, tmp_path)
+  recorded = json.loads((ckpt / "run_config.json").read_text())["model"]["fingerprint"]
+  assert len(recorded) == 64
+  other = tmp_path / "other"
+  shutil.copytree(model_dir, other)
+  tensors = load_file(other / "model.safetensors")
+  name = sorted(tensors)[0]
+  flat = tensors[name].reshape(-1).copy()
+  flat[0] = np.nextafter(flat[0], np.float32(np.inf))  # one entry, one ulp
+  tensors[name] = flat.reshape(tensors[name].shape)
+  save_file(tensors, other / "model.safetensors")
+  # The same path as the run's model, which changed in place (another path is refused anyway).
+  saved = json.loads((ckpt / "run_config.json").read_text())
+  saved["model"]["path"] = str(other)
+  (ckpt / "run_config.json").write_text(json.dumps(saved))
+  before = snapshot(ckpt)
+  base = [*TINY, "--steps", "6", "--eval-every", "2", "--checkpoint-dir", str(ckpt), "--resume"]
+  line = user_error(["--model", str(other), *base], capsys)
+  assert "its weights are not those the run" in line and "--allow-config-change" in line
+  assert snapshot(ckpt) == before
 
 
 def test_resume_needs_an_existing_checkpoint_dir(model_dir, tmp_path, capsys):
@@ -421,3 +454,32 @@ def test_parameter_and_compute_dtypes_reach_the_model(flags, param, compute, mod
   config, model, _ = runner.load_model(cfg.model)
   assert (config.param_dtype.name, config.dtype.name) == (param, compute)
   assert model.model.embed_tokens.embedding[...].dtype.name == param
+
+
+@pytest.mark.slow
+def test_host_and_off_runs_keep_no_pretrained_copy_on_the_devices(model_dir, monkeypatch):
+  """While the loop runs, the devices hold the params, the optimizer state and the model's other
+  state; with --distance-metrics device one more copy of the params. The loaded model is not kept
+  besides (without dropping it, every mode would hold that copy)."""
+  import gc
+
+  import jax
+
+  from mofo_jax.finetune import train
+
+  loop, live = train.run, {}
+
+  def measured(trainer, *args, **kwargs):
+    gc.collect()
+    live[mode] = sum(x.nbytes for x in jax.live_arrays())
+    return loop(trainer, *args, **kwargs)
+
+  monkeypatch.setattr(train, "run", measured)
+  for mode in ("device", "host", "off"):
+    argv = ["--model", str(model_dir), *TINY, "--steps", "1", "--distance-metrics", mode]
+    result = runner.run(cli.config_from_args(cli.build_parser().parse_args(argv)), log=lambda _: 0)
+    params = sum(x.nbytes for x in jax.tree.leaves(result.trainer.state.params))
+    assert ("l2_from_pretrained" in result.records[-1]) == (mode != "off")
+    del result
+  assert live["host"] == live["off"]
+  assert live["device"] - live["host"] == params

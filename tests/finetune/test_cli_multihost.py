@@ -50,7 +50,10 @@ def _run(cmd, devices, timeout=240):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("distance_metrics", ["device", "host"])
+def test_two_processes_train_like_one(tiny_checkpoint, tmp_path, distance_metrics):
+  """Two processes end where one does; with the pretrained copy in each process's host memory
+  too (its own slices), against one process's device copy."""
   base = [sys.executable, "-m", "mofo_jax.finetune", "--model", str(tiny_checkpoint), *ARGS]
   port = _free_port()
   procs = [
@@ -66,6 +69,8 @@ def test_two_processes_train_like_one(tiny_checkpoint, tmp_path):
         "2",
         "--process-id",
         str(i),
+        "--distance-metrics",
+        distance_metrics,
       ],
       devices=2,
     )

@@ -158,7 +158,8 @@ def test_a_file_that_is_not_jsonl_or_parquet_is_one_line(model_dir, tmp_path, ca
     ["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(data)],
     capsys,
   )
-  assert f"--data {tmp_path / 'train.jsonl'}: " in line  # the missing training file comes first
+  # the missing training file comes first
+  assert f"--data {tmp_path / 'train.jsonl'}: no such file." in line
   line = user_error(["--eval-data", str(data)], capsys)
   assert "--eval-data" in line and "--data" in line
 
@@ -179,3 +180,54 @@ def test_long_examples_are_refused_or_truncated_in_every_format(model_dir, tmp_p
     line = user_error(argv, capsys)
     assert f"record 6 ({data}:6) has" in line and "--seq-len 64" in line and "--truncate" in line
     assert cli.main(argv + ["--truncate"]) == 0
+
+
+# ---------------------------------------------------------------- gs:// files (GCS emulator)
+
+
+def upload(local, url):
+  url.write_bytes(local.read_bytes())
+  return url
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_gs_files_read_as_local_ones(tmp_path, gcs_dir, suffix):
+  from mofo_jax.finetune.data import load_dataset
+
+  rows = [ROWS["messages"](i) for i in range(3)] + [{"messages": "oops"}]
+  local = tmp_path / f"d{suffix}"
+  if suffix == ".parquet":
+    pq.write_table(pa.Table.from_pylist(rows[:3]), local)
+  else:
+    write_jsonl(local, rows[:3])
+  remote = upload(local, gcs_dir / f"d{suffix}")
+  got, want = load_dataset(str(remote)), load_dataset(local)
+  assert got.records == want.records and got.format == want.format == "messages"
+  assert got.where[0].startswith(f"{remote}:" if suffix == ".jsonl" else f"{remote}: row 1")
+  bad = gcs_dir / "bad.jsonl"
+  write_jsonl(tmp_path / "bad.jsonl", rows)
+  with pytest.raises(ValueError, match=rf"^{bad}:4: field 'messages' must be a non-empty list"):
+    load_dataset(str(upload(tmp_path / "bad.jsonl", bad)))
+
+
+@pytest.mark.slow
+def test_gs_data_and_eval_data_fine_tune_from_the_cli(model_dir, tmp_path, gcs_dir, capsys):
+  train = upload(write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(8)]), gcs_dir / "t")
+  pq.write_table(pa.Table.from_pylist([chat(i) for i in range(100, 103)]), tmp_path / "h.parquet")
+  held = upload(tmp_path / "h.parquet", gcs_dir / "held.parquet")
+  out = tmp_path / "out"
+  argv = ["--model", str(model_dir), "--data", str(train), "--eval-data", str(held), *RUN]
+  assert cli.main(argv + ["--output-dir", str(out)]) == 0
+  before, after = evals(out)
+  assert after["eval_data_loss"] < before["eval_data_loss"]
+  config = json.loads((out / "run_config.json").read_text())
+  assert (config["data"]["source"], config["eval"]["eval_data"]) == (str(train), str(held))
+  # A bad record or a missing object: one line naming the URL, nothing written.
+  bad = upload(write_jsonl(tmp_path / "bad.jsonl", [chat(0), {"text": "x"}]), gcs_dir / "b.jsonl")
+  out = tmp_path / "out2"
+  line = user_error(
+    ["--model", str(model_dir), "--data", str(bad), *RUN, "--output-dir", str(out)], capsys
+  )
+  assert f"--data {bad}: {bad}:2: missing field 'messages'" in line and not out.exists()
+  line = user_error([*argv[:4], "--eval-data", str(gcs_dir / "none.jsonl"), *RUN], capsys)
+  assert f"--eval-data {gcs_dir / 'none.jsonl'}: no such file." in line

@@ -154,6 +154,7 @@ def test_plan_of_a_config_json_on_cpu_devices(tmp_path, capsys):
   assert "simulated CPU devices" in out and "fits in 16 GiB" in out, out
   figures = json.loads((tmp_path / "plan.json").read_text())["results"][0]
   assert figures["optimizer"] == "mofo" and figures["temps"] > 0
+  assert figures["peak"] - figures["peak_without_copy"] == figures["params"] > 0
   # parameters: float32, sharded 8 ways along the embedding dimension (norm scales replicated)
   n = sum(x.size for x in __import__("jax").tree.leaves(_abstract_params(LlamaConfig(**TINY))))
   assert n * 4 / 8 <= figures["params"] < n * 4 / 8 + 4 * 64 * 8
@@ -216,7 +217,16 @@ def test_compiled_large_step_keeps_batch_sharded_and_mofo_cheap():
   assert mofo["global_batch"] == [] and adamw["global_batch"] == []
 
 
-def test_peak_counts_the_trainers_pretrained_copy():
-  # Trainer keeps the pretrained params on the devices beside the step's arguments.
+def test_peak_counts_the_trainers_pretrained_copy_only_on_the_devices():
+  # --distance-metrics device keeps the pretrained params on the devices beside the step's
+  # arguments; host and off do not.
   r = plan.PlanResult("mofo", params=10, opt_state=20, arguments=30, outputs=5, aliased=5, temps=7)
-  assert r.peak == 30 + 7 + 10
+  assert r.peak == 30 + 7 + 10 and r.peak_without_copy == 30 + 7
+  gib = 1024**3
+  big = plan.PlanResult(
+    "mofo", 2 * gib, 4 * gib, arguments=6 * gib, outputs=0, aliased=0, temps=9 * gib
+  )
+  report = plan.format_report([], [big], 16)
+  assert "fits in 16 GiB, metrics host/off / device" in report
+  assert report.splitlines()[-1].split()[-3:] == ["yes", "/", "NO"]
+  assert "15.00" in report and "17.00" in report

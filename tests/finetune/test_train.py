@@ -41,9 +41,9 @@ def examples(n=64, seed=0):
   return out
 
 
-def make(name="mofo", mesh="data=1", accum=1, steps=6, seed=0):
+def make(name="mofo", mesh="data=1", accum=1, steps=6, seed=0, distance_metrics="device"):
   cfg = optimizers.OptimizerConfig(name=name, learning_rate=1e-2, total_steps=steps)
-  return train.make_trainer(tiny_model(seed), cfg, mesh, accum)
+  return train.make_trainer(tiny_model(seed), cfg, mesh, accum, distance_metrics)
 
 
 def batches(seed=0):
@@ -155,17 +155,41 @@ def test_sharded_mesh_matches_single_axis_mesh():
     np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-6)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+  "mode",
+  ["device"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("host", "off", "old checkpoint")],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, mode, monkeypatch):
+  """Each --distance-metrics mode resumes bit for bit, with the distance metrics of the
+  uninterrupted run (whose copy is on the devices); so does a checkpoint of an older run that
+  holds the pretrained copy. Not the pretrained copy, only params and optimizer state are saved.
+  """
+  import orbax.checkpoint as ocp
+
   full = make(steps=6)
   full_records = train.run(full, batches(), train.LoopConfig(steps=6, progress=False), evaluator())
-  part = make(steps=6)
+  metrics = "device" if mode == "old checkpoint" else mode
+  if mode == "old checkpoint":
+    old = train.Trainer.checkpoint_state
+    monkeypatch.setattr(
+      train.Trainer,
+      "checkpoint_state",
+      lambda self: {**old(self), "reference": jax.tree.map(jax.numpy.copy, self.state.params)},
+    )
+  part = make(steps=6, distance_metrics=metrics)
   train.run(
     part,
     batches(),
     train.LoopConfig(steps=3, checkpoint_dir=str(tmp_path), progress=False),
     evaluator(),
   )
-  resumed = make(steps=6)
+  monkeypatch.undo()
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(tmp_path / "3" / "default").item_metadata.tree
+  assert set(saved) == {"params", "opt_state"} | (
+    {"reference"} if mode == "old checkpoint" else set()
+  )
+  resumed = make(steps=6, distance_metrics=metrics)
   records = train.run(
     resumed,
     batches(),
@@ -177,6 +201,43 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
   for a, c in zip(leaves(full.state.params), leaves(resumed.state.params)):
     np.testing.assert_array_equal(a, c)
   assert records[-1]["task_answer_loss"] == full_records[-1]["task_answer_loss"]
+  distances = ("l2_from_pretrained", "fraction_changed")
+  if mode == "off":
+    assert not set(distances) & set(records[-1])
+  else:
+    assert {k: records[-1][k] for k in distances} == {k: full_records[-1][k] for k in distances}
+    assert records[-1]["fraction_changed"] > 0
+
+
+def test_the_pretrained_copy_costs_the_devices_one_param_copy_only_in_device_mode():
+  """Live device bytes after building a trainer (the caller's model dropped): params and
+  optimizer state, plus one more copy of the params with --distance-metrics device only."""
+  import gc
+
+  def live_bytes():
+    gc.collect()
+    return sum(x.nbytes for x in jax.live_arrays())
+
+  grown = {}
+  for mode in ("device", "host", "off"):
+    before = live_bytes()
+    model = tiny_model()
+    cfg = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, total_steps=2)
+    trainer = train.make_trainer(model, cfg, "data=1", distance_metrics=mode)
+    params = sum(x.nbytes for x in leaves(trainer.state.params))
+    del model
+    grown[mode] = live_bytes() - before
+    assert trainer.distance_from_pretrained() == (
+      {}
+      if mode == "off"
+      else {
+        "l2_from_pretrained": 0.0,
+        "fraction_changed": 0.0,
+      }
+    )
+    del trainer
+  assert grown["host"] == grown["off"]
+  assert grown["device"] - grown["host"] == params
 
 
 def test_ctrl_c_saves_the_last_finished_step(tmp_path):
@@ -408,23 +469,15 @@ def test_no_step_is_moved_when_none_restores(run_dir):
   ckpt.close()
 
 
-def test_changed_entry_counts_are_exact_past_int32():
+def test_a_step_with_more_entries_restores_what_is_asked_for(run_dir):
+  """Checkpoints of older runs hold a "reference" entry (the pretrained copy): it is skipped."""
   import jax.numpy as jnp
 
-  x = jnp.asarray(np.arange(24).reshape(2, 3, 4) % 5 != 0)
-  for limit in (1, 4, 11, 12, 24, 2**31 - 1):
-    partial = train.count_nonzero_exact(x, limit=limit)
-    assert partial.dtype == jnp.int32 and int(np.asarray(partial).sum()) == int(x.sum())
-    assert int(np.asarray(partial).max()) <= limit
-  # At the real limit, a stacked leaf past 2**31 entries keeps one partial per layer (no 8 GB
-  # array needed: the shapes decide the reduction).
-  big = jax.ShapeDtypeStruct((80, 8192, 28672), jnp.float32)
-  out = jax.eval_shape(train.count_nonzero_exact, big)
-  assert out.shape == (80,) and out.dtype == jnp.int32
-  assert (
-    jax.eval_shape(train.count_nonzero_exact, jax.ShapeDtypeStruct((8192, 4096), bool)).shape == ()
-  )
-  # Host side: int32 partials each near 2**31 sum in Python integers, past 2**32.
-  partials = [np.full((3,), 2**31 - 1, np.int32)]
-  total = sum(int(np.asarray(c, np.int64).sum()) for c in partials)
-  assert total == 3 * (2**31 - 1)
+  ckpt = checkpointing.RunCheckpoints(run_dir)
+  ckpt.save(2, {"params": {"w": jnp.arange(3.0)}, "reference": {"w": jnp.ones(3)}})
+  step, tree = ckpt.restore_latest({"params": {"w": jnp.zeros(3)}})
+  assert step == 2 and set(tree) == {"params"}
+  np.testing.assert_array_equal(tree["params"]["w"], np.arange(3.0))
+  with pytest.raises(checkpointing.NoIntactCheckpoint, match="step 2"):
+    ckpt.restore_latest({"params": {"w": jnp.zeros(3)}, "opt_state": jnp.zeros(2)})
+  ckpt.close()

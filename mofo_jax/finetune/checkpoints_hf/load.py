@@ -6,7 +6,8 @@ hold, exactly that slice is read from the files (``safe_open(...).get_slice``: k
 transposed and stacked layers assembled slice by slice on the host) and put on those devices,
 one slice at a time. So host memory peaks at about one shard of one tensor, no device ever holds
 more than its shard, and in a multi-process run each process reads only its own devices' part of
-the checkpoint.
+the checkpoint. A ``gs://`` directory is read the same way through ranged reads
+(``safetensors_ranges``): a process reads the rows of each tensor its slices span.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from mofo_jax.finetune import storage
 from mofo_jax.finetune.checkpoints_hf.naming import (
   INDEX,
   SINGLE,
@@ -33,6 +35,7 @@ from mofo_jax.finetune.checkpoints_hf.naming import (
   hf_shape,
   index_key,
 )
+from mofo_jax.finetune.safetensors_ranges import SafetensorsFile
 from mofo_jax.finetune.model import (
   LOGICAL_AXIS_RULES,
   LlamaConfig,
@@ -328,12 +331,18 @@ def _weight_map(path: Path) -> dict[str, list[str] | None]:
 
 @contextlib.contextmanager
 def _open_safetensors(path: Path):
-  """Opens the checkpoint's safetensors files (memory-mapped; nothing is read yet)."""
+  """Opens the checkpoint's safetensors files (memory-mapped, or streams on ``gs://``; nothing
+  is read yet but their headers)."""
   with contextlib.ExitStack() as stack:
     handles = {}
     for file, names in _weight_map(path).items():
       try:
-        f = stack.enter_context(safe_open(path / file, framework="numpy"))
+        f = stack.enter_context(
+          # Cloud storage cannot be memory-mapped: ranged reads of the same slices instead.
+          SafetensorsFile(path / file)
+          if storage.is_remote(path)
+          else safe_open(path / file, framework="numpy")
+        )
       except SafetensorError as e:
         raise ValueError(f"{path / file} is truncated or not a safetensors file: {e}") from e
       held = set(f.keys())
@@ -363,7 +372,8 @@ def load_hf_checkpoint(
 
   Args:
     path: directory with ``config.json`` and ``model.safetensors`` or a sharded
-      ``model.safetensors.index.json`` plus its shards.
+      ``model.safetensors.index.json`` plus its shards; a local path or a ``gs://`` URL (read
+      in ranges, see ``safetensors_ranges``).
     dtype: compute dtype (``"float32"`` or ``"bfloat16"``).
     param_dtype: parameter dtype; defaults to ``dtype``.
     mesh: target mesh (axes as ``rules`` use them); None loads onto the default device.
@@ -390,7 +400,7 @@ def load_hf_checkpoint(
     >>> loaded == config
     True
   """
-  path = Path(path)
+  path = storage.as_path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
   config = config_from_hf(

@@ -24,6 +24,7 @@ from .records import (
   detect_format,
   iter_rows,
   load_dataset,
+  read_turns,
 )
 from .templates import (
   JinjaChatTemplate,
@@ -59,6 +60,7 @@ __all__ = [
   "pack_examples",
   "parse_answer",
   "pydoc_topics_text",
+  "read_turns",
   "split_format_template",
   "tokenize_conversation",
   "tokenize_dataset",

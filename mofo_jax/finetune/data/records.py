@@ -190,7 +190,7 @@ def load_dataset(
       completion = "response" if "response" in row and "completion" not in row else "completion"
     try:
       if fmt == "messages":
-        record = Conversation(_turns(row, fields.messages))
+        record = Conversation(read_turns(row, fields.messages))
       elif fmt == "prompt-completion":
         record = _prompt_completion(row, fields.prompt, completion)
       else:
@@ -221,8 +221,21 @@ def _kind(value: Any) -> str:
   return "null" if value is None else type(value).__name__
 
 
-def _turns(row: dict[str, Any], name: str, need_assistant: bool = True) -> tuple[dict, ...]:
-  """The validated turns of a conversation field."""
+def read_turns(row: dict[str, Any], name: str, need_assistant: bool = True) -> tuple[dict, ...]:
+  """The checked turns of a conversation field: role strings, content strings (or null beside
+  ``tool_calls``), null keys dropped.
+
+  Args:
+    row: a record.
+    name: the field holding the list of turns.
+    need_assistant: refuse a conversation without an assistant turn.
+
+  Returns:
+    The turns.
+
+  Raises:
+    ValueError: naming the field (and message) at fault.
+  """
   value = _field(row, name)
   if not isinstance(value, list) or not value:
     raise ValueError(f"field {name!r} must be a non-empty list of messages, got {_kind(value)}")
@@ -247,7 +260,7 @@ def _turns(row: dict[str, Any], name: str, need_assistant: bool = True) -> tuple
 def _prompt_completion(row: dict[str, Any], prompt: str, completion: str) -> Record:
   """A string pair, or a conversational prompt and the assistant's reply."""
   if isinstance(_field(row, prompt), list):
-    head = _turns(row, prompt, need_assistant=False)
-    tail = _turns(row, completion)
+    head = read_turns(row, prompt, need_assistant=False)
+    tail = read_turns(row, completion)
     return Conversation(head + tail, train_from=len(head))
   return InstructionRecord(_string(row, prompt), _string(row, completion))

@@ -26,12 +26,18 @@ class PlanResult:
   compile_s: float = 0.0
 
   @property
-  def peak(self) -> int | None:
+  def peak_without_copy(self) -> int | None:
+    """The step alone: what a run with ``--distance-metrics host`` or ``off`` needs."""
     if self.temps is None:
       return None
-    # The trainer also keeps the pretrained weights on the devices (distance and changed-entry
-    # metrics), one more copy of the params outside the step.
-    return self.arguments + self.outputs - self.aliased + self.temps + self.params
+    return self.arguments + self.outputs - self.aliased + self.temps
+
+  @property
+  def peak(self) -> int | None:
+    """With ``--distance-metrics device`` (the default): the trainer also keeps the pretrained
+    weights on the devices, one more copy of the params outside the step."""
+    step = self.peak_without_copy
+    return None if step is None else step + self.params
 
 
 def _per_device_bytes(tree) -> int:

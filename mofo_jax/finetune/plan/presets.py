@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from mofo_jax.finetune.plan.targets import PlanError
@@ -81,7 +80,8 @@ def model_config(model: str, **fields: Any):
   """The ``LlamaConfig`` of a preset name or of a Hugging Face ``config.json`` path.
 
   Args:
-    model: a preset (``PRESETS``) or a path to ``config.json`` (or its directory).
+    model: a preset (``PRESETS``) or a path to ``config.json`` (or its directory), local or
+      ``gs://``.
     **fields: ``LlamaConfig`` fields to set (dtypes, remat, scan_layers).
 
   Returns:
@@ -91,12 +91,13 @@ def model_config(model: str, **fields: Any):
     >>> model_config("llama-3.1-8b").num_hidden_layers
     32
   """
+  from mofo_jax.finetune import storage
   from mofo_jax.finetune.checkpoints_hf import config_from_hf
   from mofo_jax.finetune.model import LlamaConfig
 
   if model.lower() in PRESETS:
     return LlamaConfig(**{**PRESETS[model.lower()], **fields})
-  path = Path(model)
+  path = storage.as_path(model)
   if path.is_dir():
     path = path / "config.json"
   if not path.is_file():

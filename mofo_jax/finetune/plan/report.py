@@ -40,8 +40,9 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
       [_gib(r.outputs and r.outputs - r.aliased) for r in results],
     ),
     ("compiled temporaries (GiB)", [_gib(r.temps) for r in results]),
-    ("trainer's pretrained copy (GiB)", [_gib(r.params) for r in results]),
-    ("peak = arguments + outputs + temps + copy", [_gib(r.peak) for r in results]),
+    ("peak, metrics host/off = args+outs+temps", [_gib(r.peak_without_copy) for r in results]),
+    ("pretrained copy, metrics device (GiB)", [_gib(r.params) for r in results]),
+    ("peak, metrics device = the above + copy", [_gib(r.peak) for r in results]),
   ]
   for kind in COLLECTIVE_KINDS:
     if any(c.kind == kind for r in results for c in r.collectives):
@@ -64,16 +65,9 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
       ],
     )
   )
-  verdicts = []
-  for r in results:
-    if r.refused:
-      verdicts.append("NO (compiler)")
-    elif hbm is None:
-      verdicts.append("?")
-    else:
-      verdicts.append("yes" if r.peak <= hbm * GIB else "NO")
   rows.append(("compile time (s)", [f"{r.compile_s:.0f}" for r in results]))
-  rows.append((f"fits in {hbm:g} GiB" if hbm else "fits", verdicts))
+  fits = f"fits in {hbm:g} GiB" if hbm else "fits"
+  rows.append((f"{fits}, metrics host/off / device", [_verdict(r, hbm) for r in results]))
   width = max(len(k) for k, _ in rows) + 2
   col = max(12, *(len(n) + 2 for n in names))
   lines = list(header)
@@ -86,6 +80,15 @@ def format_report(header: list[str], results: list[PlanResult], hbm: float | Non
   return "\n".join(lines)
 
 
+def _verdict(r: PlanResult, hbm: float | None) -> str:
+  """Whether the step fits without the pretrained copy on the devices / with it."""
+  if r.refused:
+    return "NO (compiler)"
+  if hbm is None:
+    return "?"
+  return " / ".join("yes" if x <= hbm * GIB else "NO" for x in (r.peak_without_copy, r.peak))
+
+
 def figures_json(header: list[str], results: list[PlanResult], hbm: float | None) -> str:
   """The figures ``--json`` writes: the header, the HBM, and each optimizer's bytes."""
   return json.dumps(
@@ -96,6 +99,7 @@ def figures_json(header: list[str], results: list[PlanResult], hbm: float | None
         {
           **{k: v for k, v in dataclasses.asdict(r).items() if k != "collectives"},
           "peak": r.peak,
+          "peak_without_copy": r.peak_without_copy,
           "collective_bytes": _coll_total(r.collectives),
           "optimizer_collective_bytes": _coll_total(r.collectives, optimizer=True),
         }
