@@ -8,8 +8,14 @@ measured within one process. Results go to ``$OUT`` (``./out`` when ``OUT`` is u
 mode's result or error, rewritten after each mode so that a run cut short keeps what it
 measured. Needs only jax and optax (no installation):
 
-  PYTHONPATH=. python benchmarks/device_suite.py            # 1b preset, about 2-5 minutes
+  PYTHONPATH=. python benchmarks/device_suite.py            # 1b preset, at most 280 s
   PYTHONPATH=. python benchmarks/device_suite.py --preset micro --steps 2   # a CPU smoke run
+
+The default modes are the XLA paths (``exact-xla``, ``approx-xla``) and the platform's kernel
+paths (on TPU ``kernel``, ``kernel-full``, ``approx-kernel``: the Pallas TPU kernels; on GPU ``kernel-gpu``: the
+Pallas Triton kernel; on CPU all three, which there run ``exact-xla``'s program), each beside
+optax.adamw. Each mode gets at most ``--timeout`` seconds and at most an equal share of what is
+left of ``--budget``, so that one slow mode cannot leave the next ones nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +28,28 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODES = "adamw,approx,exact,topk"
+# The XLA paths and the kernel paths of the platform: off TPU the Pallas TPU modes are
+# exact-xla's program, and off CUDA kernel-gpu is, so only the platform's own kernels are timed.
+MODES = {
+  "gpu": "exact-xla,approx-xla,kernel-gpu",
+  "tpu": "exact-xla,approx-xla,kernel,kernel-full,approx-kernel",
+  "cpu": "exact-xla,approx-xla,kernel,kernel-full,approx-kernel,kernel-gpu",
+}
+
+
+def default_modes() -> str:
+  """The modes for the platform JAX finds, asked in a subprocess: JAX in this process would
+  take the accelerator's memory from the modes' processes."""
+  probe = [sys.executable, "-c", "import jax; print(jax.default_backend())"]
+  r = subprocess.run(probe, capture_output=True, text=True, check=False, timeout=120)
+  return MODES.get(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "", MODES["cpu"])
 
 
 def run(args) -> dict:
   out = os.environ.get("OUT") or "out"
   os.makedirs(out, exist_ok=True)
   summary_path = os.path.join(out, "device_suite.json")
-  modes = [m for m in args.modes.split(",") if m]
+  modes = [m for m in (args.modes or default_modes()).split(",") if m]
   ours = [summary_path] + [
     os.path.join(out, f"step_{m}.{ext}") for m in modes for ext in ("json", "log")
   ]
@@ -47,7 +67,7 @@ def run(args) -> dict:
     with open(summary_path, "w") as f:
       json.dump(summary, f, indent=1)
 
-  for mode in modes:
+  for n, mode in enumerate(modes):
     left = args.budget - (time.monotonic() - start)
     if left < min(10, args.timeout):
       summary["modes"][mode] = {
@@ -55,7 +75,7 @@ def run(args) -> dict:
       }
       save()
       continue
-    timeout = min(args.timeout, left)
+    timeout = min(args.timeout, left / (len(modes) - n))
     result_path = os.path.join(out, f"step_{mode}.json")
     cmd = [
       sys.executable,
@@ -76,7 +96,7 @@ def run(args) -> dict:
         rc = None
     entry = {"wall_s": time.monotonic() - began}
     if rc is None:
-      entry["error"] = f"timed out after {timeout:g} s"
+      entry["error"] = f"timed out after {timeout:.3g} s"
     elif rc != 0 or not os.path.exists(result_path):
       with open(os.path.join(out, f"step_{mode}.log")) as f:
         tail = [line.strip() for line in f if line.strip()][-1:] or [""]
@@ -100,10 +120,10 @@ def _mib(b) -> str:
 
 def print_row(mode: str, r: dict) -> None:
   if "error" in r:
-    print(f"{mode:7s} {r['error']}", flush=True)
+    print(f"{mode:11s} {r['error']}", flush=True)
     return
   print(
-    f"{mode:7s} {r['ms']:9.2f} ms {r['ratio']:6.2f}x adamw ({r['adamw_ms_same_process']:.2f} ms) "
+    f"{mode:11s} {r['ms']:9.2f} ms {r['ratio']:6.2f}x adamw ({r['adamw_ms_same_process']:.2f} ms) "
     f"fraction {r['fraction']:.4f} compile {r['lower_s'] + r['compile_s']:6.1f} s "
     f"temp {_mib(r['temp_bytes'])} MiB peak {_mib(r['peak_bytes'])} MiB",
     flush=True,
@@ -113,11 +133,14 @@ def print_row(mode: str, r: dict) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="1b", help="a benchmarks/step_time.py preset")
-  parser.add_argument("--modes", default=MODES, help=f"comma-separated (default {MODES})")
+  parser.add_argument(
+    "--modes",
+    help=f"comma-separated (default by platform: {', '.join(f'{k}: {v}' for k, v in MODES.items())})",
+  )
   parser.add_argument("--steps", type=int, default=7)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--timeout", type=float, default=150, help="seconds per mode")
-  parser.add_argument("--budget", type=float, default=330, help="seconds for the whole suite")
+  parser.add_argument("--timeout", type=float, default=120, help="seconds per mode, at most")
+  parser.add_argument("--budget", type=float, default=280, help="seconds for the whole suite")
   parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's files")
   args = parser.parse_args(argv)
   summary = run(args)

@@ -60,6 +60,9 @@ EXTRA_SELECTIONS = {
   # this is the XLA path it falls back to.
   "approx-xla": mofo_jax.ApproxSelection(),
   "approx-kernel": mofo_jax.PallasApproxSelection(),
+  # The Pallas Triton kernel (opt-in, "auto": only when lowered for CUDA), the exact XLA path
+  # elsewhere.
+  "kernel-gpu": mofo_jax.TritonSelection(),
 }
 FRACTION = 0.1
 LR = 1e-4
@@ -396,7 +399,8 @@ def main(argv=None):
     default=None,
     help="comma-separated: adamw, topk (lax.top_k baseline), count / count-full (the counting "
     "search with and without the bracket), kernel / kernel-full (mofo_jax.PallasSelection with "
-    "and without the bracket), exact-xla (ExactSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
+    "and without the bracket), exact-xla (ExactSelection), approx-xla (ApproxSelection), "
+    "approx-kernel (mofo_jax.PallasApproxSelection), kernel-gpu (mofo_jax.TritonSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
   )
   parser.add_argument(
     "--compile-only", action="store_true", help="only lower and compile, on abstract shapes"

@@ -24,6 +24,7 @@ from mofo_jax._telemetry import MoFOTelemetry
 from mofo_jax._telemetry import read_telemetry
 from mofo_jax._telemetry import telemetry_summary
 from mofo_jax._transform import KeepTopFractionState
+from mofo_jax._triton_selection import TritonSelection
 from mofo_jax._transform import ScaleByMoFOState
 from mofo_jax._transform import keep_top_fraction
 from mofo_jax._transform import mofo
@@ -58,4 +59,5 @@ __all__ = [
   "state_shardings",
   "telemetry_summary",
   "top_fraction_mask",
+  "TritonSelection",
 ]

@@ -36,6 +36,9 @@ from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
+# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 16 MiB of
+# int32 indices per chunk, a few percent of a large leaf, and few enough loop trips.
+_CHUNK_ENTRIES = 1 << 22
 METHODS = ("auto", "count", "histogram")
 Method = Literal["auto", "count", "histogram"]
 
@@ -88,6 +91,18 @@ def score_keys(scores: jax.Array) -> jax.Array:
 
 def keys_to_threshold(keys: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(keys, jnp.float32)
+
+
+def after(keys: jax.Array, token: jax.Array) -> jax.Array:
+  """``keys`` unchanged, but computed only once ``token`` exists.
+
+  ``token`` is a non-negative int32 or a key (below ``2**31``) at run time, which the compiler
+  cannot know, so ``token >> 31`` is a zero it cannot fold away. Tying the keys of one leaf
+  to the result of the previous leaf's pass makes the leaves' passes run one after another,
+  so that the temporaries of only one leaf (an int32 index per entry for a histogram) are
+  alive at a time.
+  """
+  return keys | (token >> 31).astype(jnp.uint32)
 
 
 def num_to_select(fraction: jax.typing.ArrayLike, n: int) -> jax.Array | int:
@@ -266,6 +281,15 @@ def _count_search(
   return [lo + p for lo, p in zip(lows, prefixes)], counts
 
 
+def count_search_from(views, reduce_axes, ks, init_counts, lows, bits, *, radix_bits=4):
+  """The counting search of per-leaf blocks over keys ``lows + t``, t in ``[0, 2**bits)``, for
+  a search whose higher bits are fixed already (``lows``, block-shaped uint32, with
+  ``init_counts`` entries at or above them): per leaf, the threshold key and its count."""
+  return _count_search(
+    views, reduce_axes, ks, init_counts, False, radix_bits=radix_bits, lows=lows, bits=bits
+  )
+
+
 def bracket_previous(views, reduce_axes, ks, previous, global_block, bracket_bits):
   """One counting pass: per block, the lower end of the bracket of ``2**bracket_bits`` keys
   centred on the ``previous`` threshold's key, the count at it, and whether the k-th largest
@@ -336,23 +360,58 @@ def _block_ids(shape, reduce_axes):
   return ids
 
 
+def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+  """Rows of the first axis per histogram chunk: the most that divide the axis and keep a chunk
+  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small or its first axis indexes
+  blocks (block ids must not depend on the chunk)."""
+  size = math.prod(shape)
+  # On several devices a chunk of a sharded axis would be gathered: never chunk there.
+  if size <= _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
+    return shape[0]
+  row = size // shape[0]
+  for rows in range(max(1, _CHUNK_ENTRIES // row), 0, -1):
+    if shape[0] % rows == 0:
+      return rows
+  return shape[0]
+
+
 def _scatter_counts(view, axes, bins, bin_of):
   """Per-block histogram ``[*block_shape, bins]`` of ``bin_of(keys)``; entries whose bin is
-  ``bins`` or more are dropped."""
-  b = bin_of(score_keys(view))
+  ``bins`` or more are dropped.
+
+  XLA:CPU writes the scatter's int32 indices and its ones into buffers of the operand's size:
+  a leaf above ``_CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
+  these temporaries stay a chunk's size whatever the leaf's (two float32 copies of the 1B
+  model's embedding otherwise)."""
   nblocks = math.prod(d for i, d in enumerate(view.shape) if i not in axes)
-  idx = jnp.where(b < bins, _block_ids(view.shape, axes) * bins + b, nblocks * bins)
-  # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
-  # rejected for explicitly sharded operands.
-  hist = lax.scatter_add(
-    jnp.zeros(nblocks * bins, jnp.int32),
-    idx[..., None],
-    jnp.ones(idx.shape, jnp.int32),
-    lax.ScatterDimensionNumbers(
-      update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
-    ),
-    mode=lax.GatherScatterMode.FILL_OR_DROP,
+  dims = lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
   )
+
+  def add(hist, part):
+    b = bin_of(score_keys(part))
+    idx = jnp.where(b < bins, _block_ids(part.shape, axes) * bins + b, nblocks * bins)
+    # lax.scatter_add on the unflattened index: jnp's .at[] and a flattening reshape are both
+    # rejected for explicitly sharded operands.
+    return lax.scatter_add(
+      hist,
+      idx[..., None],
+      jnp.ones(idx.shape, jnp.int32),
+      dims,
+      mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+  zeros = jnp.zeros(nblocks * bins, jnp.int32)
+  rows = _chunk_rows(view.shape, axes)
+  if rows == view.shape[0]:
+    hist = add(zeros, view)
+  else:
+    hist = lax.fori_loop(
+      0,
+      view.shape[0] // rows,
+      lambda c, h: add(h, lax.dynamic_slice_in_dim(view, c * rows, rows, axis=0)),
+      zeros,
+    )
   shape = tuple(1 if i in axes else d for i, d in enumerate(view.shape))
   return hist.reshape(shape + (bins,))
 
@@ -394,28 +453,40 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
   above = [jnp.zeros_like(c) for c in init_counts]
   counts = list(init_counts)
   tops = [_KEY_BITS - 1] * len(views)  # |score| clears the sign bit
+
+  def resolve(i, hist):
+    digit, counts[i], above[i] = _resolve_digit(hist, above[i], ks[i])
+    prefixes[i] = prefixes[i] | (digit.astype(jnp.uint32) << lows[i])
+    tops[i] = lows[i]
+
+  # The last histogram made: the next leaf's pass waits for it (see :func:`after`), so only one
+  # leaf's int32 bin indices are alive at a time.
+  token = None
   while any(tops):
     todo = [i for i, t in enumerate(tops) if t > 0]
     lows = {i: max(0, tops[i] - widths[i]) for i in todo}
-    bins = [1 << (tops[i] - lows[i]) for i in todo]
-    # Entries outside the prefix fixed so far go to the dropped bin.
-    bin_ofs = [
-      lambda keys, p=prefixes[i], top=tops[i], low=lows[i], n=n: jnp.where(
-        (keys >> top) == (p >> top), (keys >> low) & (n - 1), n
-      ).astype(jnp.int32)
-      for i, n in zip(todo, bins)
-    ]
-    hists = [
-      _scatter_counts(views[i], reduce_axes[i], n, bin_of)
-      for i, n, bin_of in zip(todo, bins, bin_ofs)
-    ]
+    hists = []
+    for i in todo:
+      n = 1 << (tops[i] - lows[i])
+
+      # Entries outside the prefix fixed so far go to the dropped bin.
+      def bin_of(keys, p=prefixes[i], top=tops[i], low=lows[i], n=n, token=token):
+        if token is not None:
+          keys = after(keys, token)
+        return jnp.where((keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
+
+      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of)
+      if global_block:
+        hists.append(hist)
+        token = jnp.max(hist)
+      else:
+        # Resolved at once, so that the next leaf also waits for this histogram to be freed.
+        resolve(i, hist)
+        token = jnp.max(counts[i])
     if global_block:
       total = sum(h.reshape(-1) for h in hists)
-      hists = [total.reshape(h.shape) for h in hists]
-    for i, h in zip(todo, hists):
-      digit, counts[i], above[i] = _resolve_digit(h, above[i], ks[i])
-      prefixes[i] = prefixes[i] | (digit.astype(jnp.uint32) << lows[i])
-      tops[i] = lows[i]
+      for i, h in zip(todo, hists):
+        resolve(i, total.reshape(h.shape))
   return prefixes, counts
 
 
@@ -620,6 +691,66 @@ def select_momentum(
   return mus, nus, masks, kept, thresholds
 
 
+def select_momentum_split(
+  fallback: Selection,
+  moments: MomentUpdate,
+  filtered: list[bool],
+  specs: list[_partition.BlockSpec],
+  is_global: bool,
+  fraction: Any,
+  previous: list[jax.Array] | None,
+  take: list[bool],
+  select_leaf: Callable[[int], tuple[jax.Array, jax.Array, jax.Array, _counts.Count]],
+) -> tuple[list, list, list, list, list]:
+  """:func:`select_momentum`'s results, with the leaves ``take`` marks selected one by one by
+  ``select_leaf(i)`` (new m, new v, block-shaped threshold, per-block count: a kernel) and the
+  others by ``fallback``."""
+  rest = [i for i, t in enumerate(take) if not t]
+  pick = lambda xs: [xs[i] for i in rest]
+  sub = moments._replace(grads=pick(moments.grads), mus=pick(moments.mus), nus=pick(moments.nus))
+  outs = select_momentum(
+    fallback,
+    sub,
+    pick(filtered),
+    pick(specs),
+    is_global,
+    fraction,
+    previous=None if previous is None else pick(previous),
+  )
+  results = [[None] * len(take) for _ in range(5)]
+  for j, i in enumerate(rest):
+    for r, o in zip(results, outs):
+      r[i] = o[j]
+  for i in (i for i, t in enumerate(take) if t):
+    m, v, tau, count = select_leaf(i)
+    results[0][i], results[1][i], results[4][i] = m, v, tau
+    results[2][i] = block_mask(m, specs[i], tau)
+    results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
+  return tuple(results)
+
+
+def _count_mask(mask: jax.Array) -> _counts.Count:
+  """The True entries of ``mask``. On one CPU device a leaf above ``_CHUNK_ENTRIES`` (and under
+  2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
+  chunk's size; XLA:GPU and XLA:TPU fuse the comparison into the sum and need no chunks."""
+  rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
+
+  def whole():
+    return _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
+
+  if not mask.ndim or rows == mask.shape[0] or mask.size >= _counts.INT32_LIMIT:
+    return whole()
+
+  def add(c, total):
+    part = lax.dynamic_slice_in_dim(mask, c * rows, rows, axis=0)
+    return total + jnp.sum(part, dtype=jnp.int32)
+
+  def chunks():
+    return _counts.split(lax.fori_loop(0, mask.shape[0] // rows, add, jnp.int32(0)))
+
+  return lax.platform_dependent(cpu=chunks, default=whole)
+
+
 def masks_from_thresholds(
   scores: list[jax.Array],
   filtered: list[bool],
@@ -640,16 +771,21 @@ def masks_from_thresholds(
   block_masks = [block_mask(scores[i], specs[i], tau) for i, tau in zip(idx, taus)]
   if materialise and idx:
     block_masks = materialised(lambda: block_masks, jnp.min(taus[0]))
+  token = None
   for j, (i, tau) in enumerate(zip(idx, taus)):
     masks[i] = block_masks[j]
     thresholds[i] = tau
-    # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
-    # count: count this leaf's own entries.
-    kept[i] = _counts.to_array(
-      _counts.count_true(masks[i], tuple(range(masks[i].ndim)), keepdims=False)
-      if counts is None or is_global
-      else _counts.total(counts[j], np.size(scores[i]))
-    )
+    if counts is None or is_global:
+      # Global blocks carry the tree-wide count in every leaf, and a sampled threshold has no
+      # count: count this leaf's own entries. Each count waits for the previous leaf's (a
+      # count is never negative), so that XLA:CPU, which writes an int32 copy of a mask before
+      # summing it, holds one leaf's copy at a time, not every leaf's.
+      mask = masks[i] if token is None else masks[i] | (token < 0)
+      count = _count_mask(mask)
+      token = count.lo
+    else:
+      count = _counts.total(counts[j], np.size(scores[i]))
+    kept[i] = _counts.to_array(count)
   return masks, kept, thresholds
 
 

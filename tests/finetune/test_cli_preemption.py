@@ -43,8 +43,12 @@ def test_sigterm_saves_the_step_and_the_resumed_run_ends_equal(tiny_checkpoint, 
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny_checkpoint, tmp_path):
-  """Process 1 gets SIGTERM; both save the same step; the resumed pair ends as an unstopped one."""
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny_checkpoint, tmp_path, gcs_dir):
+  """Process 1 gets SIGTERM; both save the same step; the resumed pair ends as an unstopped one.
+
+  The stopped and resumed runs keep their checkpoints and outputs on the GCS emulator, as a pod
+  slice does (a per-host local directory is refused for several processes).
+  """
   cache = tmp_path / "jax_cache"
   steps = ["--mesh", "data=-1", "--steps", "10"]
   ref_dir = tmp_path / "ref"
@@ -56,7 +60,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tiny_checkpoint,
     tmp_path / "logs-ref",
   )
   assert [p.returncode for p in ref] == [0, 0], ref[0].stderr[-2000:] + ref[1].stderr[-2000:]
-  out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+  out, ckpt = gcs_dir / "out", gcs_dir / "ckpt"
   run = _args(tiny_checkpoint) + steps + ["--output-dir", str(out), "--checkpoint-dir", str(ckpt)]
   stopped = _run_processes(["slow", "sigterm"], 3, run, cache, tmp_path / "logs-stopped")
   logs = stopped[0].stderr[-2000:] + stopped[1].stderr[-2000:]
