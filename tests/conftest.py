@@ -1,11 +1,24 @@
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
 
-# Several simulated CPU devices for the sharding tests; must be set before jax is imported.
+# Several simulated CPU devices for the sharding tests; this and the cache below must be set
+# before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# Many tests build the same program from different closures (an optimizer per test, a model per
+# fixture): the persistent compilation cache compiles each once per run. It starts empty in a
+# fresh temporary directory (never a user's cache: a cache key holds the whole program, so a hit
+# is what compiling would give) and is removed at the end. The environment carries it to the
+# CLI and multi-process runs the tests start.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="mofo-jax-tests-xla-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 # Property tests: a short search in the everyday run, a long one in CI's second step
 # (`--hypothesis-profile=thorough`). No deadline: a first example pays for jit compiles.
@@ -13,6 +26,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 settings.register_profile("quick", max_examples=12, deadline=None, database=None)
 settings.register_profile("thorough", max_examples=150, deadline=None, database=None)
 settings.load_profile("quick")
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
 
 TEXT = (
   "Question: Ann has 3 cards. Ann buys 4 more cards. How many cards does Ann have now?\n"
