@@ -218,7 +218,16 @@ def initialize_distributed(settings, exit_fn: Callable[[int], None] = os._exit) 
 
 def _resolved(cfg: RunConfig) -> RunConfig:
   """Absolute paths (URLs kept), so that a run resumed from another directory compares equal."""
-  absolute = lambda p: None if p is None else storage.resolve(p)
+
+  def absolute(p):
+    if p is None:
+      return None
+    try:
+      storage.require_client(p)
+    except storage.MissingClient as e:
+      raise UserError(str(e)) from None
+    return storage.resolve(p)
+
   data = cfg.data
   if data.source != "arithmetic":
     data = dataclasses.replace(data, source=absolute(data.source))

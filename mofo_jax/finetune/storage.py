@@ -32,6 +32,23 @@ def is_remote(path: str | os.PathLike) -> bool:
   return os.fspath(path).startswith(_REMOTE)
 
 
+class MissingClient(ValueError):
+  """A ``gs://`` path was given, but the GCS client (the ``gcs`` extra: gcsfs) is not installed."""
+
+
+def require_client(path: str | os.PathLike) -> None:
+  """Raises :class:`MissingClient` naming the extra when ``path`` is a ``gs://`` URL that this
+  installation cannot open (etils.epath would fail later, with an ImportError traceback)."""
+  if not is_remote(path):
+    return
+  try:
+    import gcsfs  # noqa: F401
+  except ImportError:
+    raise MissingClient(
+      f"{os.fspath(path)}: gs:// paths need the GCS client: pip install 'mofo-jax[gcs]'"
+    ) from None
+
+
 def resolve(path: str | os.PathLike) -> str:
   """``path`` as the absolute string a run config records: ``~`` expanded, URLs kept.
 

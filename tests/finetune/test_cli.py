@@ -189,6 +189,13 @@ def test_a_new_run_refuses_a_checkpoint_dir_holding_a_run(trained, model_dir, tm
   assert "already holds files" in line
 
 
+def test_a_gs_path_without_the_gcs_client_is_one_line(model_dir, monkeypatch, capsys):
+  """Without gcsfs (the gcs extra) a gs:// directory is refused before anything is loaded."""
+  monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs now raises ImportError
+  line = user_error(["--model", str(model_dir), *TINY, "--output-dir", "gs://bkt/out"], capsys)
+  assert "gs://bkt/out" in line and "mofo-jax[gcs]" in line
+
+
 def test_outputs_are_never_overwritten_silently(trained, model_dir, tmp_path, capsys):
   """Defect 2: a second run into an output dir is refused; the input model is never written."""
   out, _ = copy_run(trained, tmp_path)
