@@ -175,17 +175,25 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
   directory = Path(storage.resolve(directory))
   marker = directory / f".mofo-shared-{common_token()}"
   lead = jax.process_index() == 0
-  made = lead and not directory.exists()
-  if lead:
-    directory.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"written by process 0 of {jax.process_count()}\n")
-  multihost_utils.sync_global_devices("mofo_jax shared directory: marker written")
-  seen = multihost_utils.process_allgather(np.array(marker.exists()))
-  multihost_utils.sync_global_devices("mofo_jax shared directory: marker read")
-  if lead:
-    marker.unlink(missing_ok=True)
-    if made:
-      directory.rmdir()
+  # The directories the probe makes (the missing ancestors too), deepest first, to remove.
+  made = [d for d in (directory, *directory.parents) if not d.exists()] if lead else []
+  try:
+    if lead:
+      directory.mkdir(parents=True, exist_ok=True)
+      marker.write_text(f"written by process 0 of {jax.process_count()}\n")
+    multihost_utils.sync_global_devices("mofo_jax shared directory: marker written")
+    seen = multihost_utils.process_allgather(np.array(marker.exists()))
+    multihost_utils.sync_global_devices("mofo_jax shared directory: marker read")
+  finally:
+    # Also when a collective fails: a left marker would make the directory "not empty" and a
+    # rerun would refuse it.
+    if lead:
+      marker.unlink(missing_ok=True)
+      for d in made:
+        try:
+          d.rmdir()
+        except OSError:  # something else wrote there meanwhile: not ours to remove
+          break
   # Nobody looks at the directory again (is it empty?) before the marker is gone.
   multihost_utils.sync_global_devices("mofo_jax shared directory: marker removed")
   return [int(i) for i in np.flatnonzero(~np.asarray(seen))]

@@ -481,3 +481,34 @@ def test_a_step_with_more_entries_restores_what_is_asked_for(run_dir):
   with pytest.raises(checkpointing.NoIntactCheckpoint, match="step 2"):
     ckpt.restore_latest({"params": {"w": jnp.zeros(3)}, "opt_state": jnp.zeros(2)})
   ckpt.close()
+
+
+def _two_processes_in_one(monkeypatch, allgather):
+  """``processes_not_sharing`` as process 0 of 2 sees it, its collectives answered here."""
+  from jax.experimental import multihost_utils
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+
+def test_the_shared_directory_probe_leaves_the_users_files_as_they_were(tmp_path, monkeypatch):
+  """The marker and every directory the probe made are gone, also when a collective fails."""
+  _two_processes_in_one(monkeypatch, lambda seen: np.stack([seen, seen]))
+  assert checkpointing.processes_not_sharing(tmp_path / "runs" / "a" / "ckpt") == []
+  assert list(tmp_path.iterdir()) == []  # runs/ and runs/a/ too, not only ckpt/
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "ckpt" / "notes.txt").write_text("keep")
+  assert checkpointing.processes_not_sharing(tmp_path / "ckpt") == []
+  assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
+
+  def lost(seen):
+    raise RuntimeError("process 1 went away")
+
+  _two_processes_in_one(monkeypatch, lost)
+  for directory in (tmp_path / "ckpt", tmp_path / "new" / "ckpt"):
+    with pytest.raises(RuntimeError, match="went away"):
+      checkpointing.processes_not_sharing(directory)
+  assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
+  assert not (tmp_path / "new").exists()
