@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -165,7 +166,8 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
     directory: the checkpoint directory.
 
   Returns:
-    The indices of the processes that did not see the marker (empty: the directory is shared).
+    The indices of the processes that did not see the marker (empty: the directory is shared;
+    0 among them: process 0 could not write it).
   """
   if jax.process_count() == 1 or storage.is_remote(directory):
     return []
@@ -179,8 +181,11 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
   made = [d for d in (directory, *directory.parents) if not d.exists()] if lead else []
   try:
     if lead:
-      directory.mkdir(parents=True, exist_ok=True)
-      marker.write_text(f"written by process 0 of {jax.process_count()}\n")
+      # Not written (a file by that name, no permission): process 0 is then among those that
+      # do not see it, and every process still reaches the collectives below (none hangs).
+      with contextlib.suppress(OSError):
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"written by process 0 of {jax.process_count()}\n")
     multihost_utils.sync_global_devices("mofo_jax shared directory: marker written")
     seen = multihost_utils.process_allgather(np.array(marker.exists()))
     multihost_utils.sync_global_devices("mofo_jax shared directory: marker read")
@@ -188,7 +193,8 @@ def processes_not_sharing(directory: str | os.PathLike) -> list[int]:
     # Also when a collective fails: a left marker would make the directory "not empty" and a
     # rerun would refuse it.
     if lead:
-      marker.unlink(missing_ok=True)
+      with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # never written
+        marker.unlink()
       for d in made:
         try:
           d.rmdir()

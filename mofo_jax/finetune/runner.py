@@ -357,6 +357,11 @@ def _require_shared(directory: str) -> None:
   import jax
 
   blind = checkpointing.processes_not_sharing(directory)
+  if 0 in blind:
+    raise UserError(
+      f"--checkpoint-dir {directory}: process 0 cannot write a file there (a file by that "
+      "name, or no permission?); choose a directory it can write."
+    )
   if blind:
     raise UserError(
       f"--checkpoint-dir {directory}: process(es) {', '.join(map(str, blind))} of "

@@ -512,3 +512,26 @@ def test_the_shared_directory_probe_leaves_the_users_files_as_they_were(tmp_path
       checkpointing.processes_not_sharing(directory)
   assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
   assert not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_dir_process_0_cannot_write_answers_without_a_hang(tmp_path, monkeypatch):
+  """A file where the directory (or its parent) should be: process 0 is reported among those
+  that do not see the marker, after it joined the collectives (its peers would wait there)."""
+  joined = []
+
+  def allgather(seen):
+    joined.append(True)
+    return np.stack([seen, seen])
+
+  _two_processes_in_one(monkeypatch, allgather)
+  (tmp_path / "a-file").write_text("mine")
+  for directory in (tmp_path / "a-file", tmp_path / "a-file" / "ckpt"):
+    assert checkpointing.processes_not_sharing(directory) == [0, 1]
+  assert joined == [True, True]
+  assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+  assert (tmp_path / "a-file").read_text() == "mine"
+  from mofo_jax.finetune import runner
+  from mofo_jax.finetune.run_config import UserError
+
+  with pytest.raises(UserError, match="a-file: process 0 cannot write a file there"):
+    runner._require_shared(str(tmp_path / "a-file"))
