@@ -141,9 +141,10 @@ def sample_token(
   """
   scaled = logits / temperature
   order = jnp.argsort(-scaled, axis=-1)
-  probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, -1), axis=-1)
+  ranked = jnp.take_along_axis(scaled, order, -1)
+  probs = jax.nn.softmax(ranked, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs
-  kept = jnp.where(before < top_p, jnp.take_along_axis(scaled, order, -1), -jnp.inf)
+  kept = jnp.where(before < top_p, ranked, -jnp.inf)
   choice = jax.random.categorical(key, kept, axis=-1)
   return jnp.take_along_axis(order, choice[:, None], -1)[:, 0].astype(jnp.int32)
 
@@ -169,7 +170,7 @@ def _decode(graphdef, state, prompt, key, temperature, top_p, eos_ids, max_new_t
     token = jnp.where(done, out[:, jnp.maximum(i - 1, 0)], token)
     out = out.at[:, i].set(token)
     done = done | jnp.isin(token, eos_ids)
-    logits, cache = forward_cached(nnx.merge(graphdef, state), token[:, None], t + i, cache)
+    logits, cache = forward_cached(model, token[:, None], t + i, cache)
     return i + 1, logits[:, 0], done, out, cache, key
 
   out = jnp.zeros((b, max_new_tokens), jnp.int32)

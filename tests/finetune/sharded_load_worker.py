@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from mofo_jax.finetune import checkpoints_hf
 from mofo_jax.finetune.checkpoints_hf import naming as hf_naming
+from mofo_jax.finetune.checkpoints_hf import save as hf_save
 
 
 def main(process_id: int, port: int, ckpt: str, out: str) -> None:
@@ -59,10 +60,22 @@ def main(process_id: int, port: int, ckpt: str, out: str) -> None:
       if key not in seen:
         seen.add(key)
         own += shard.data.nbytes
-  (Path(out) / f"read-{process_id}.json").write_text(
-    json.dumps({"bytes_read": bytes_read, "own_slices_bytes": own})
-  )
+  save_host_bytes = 0
+  real_to_host = hf_save._to_host
+
+  def counting_to_host(*args):
+    nonlocal save_host_bytes
+    host = real_to_host(*args)
+    save_host_bytes += 0 if host is None else host.nbytes
+    return host
+
+  hf_save._to_host = counting_to_host
   checkpoints_hf.save_hf_checkpoint(model, config, Path(out) / "saved")
+  (Path(out) / f"read-{process_id}.json").write_text(
+    json.dumps(
+      {"bytes_read": bytes_read, "own_slices_bytes": own, "save_host_bytes": save_host_bytes}
+    )
+  )
   jax.distributed.shutdown()
 
 

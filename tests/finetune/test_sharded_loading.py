@@ -220,6 +220,8 @@ def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
     # exactly the distinct slices of its own devices: half of every sharded tensor
     assert r["bytes_read"] == r["own_slices_bytes"]
     assert r["bytes_read"] < 0.55 * total
+  # every process joins the gathers of the save, but only the writer copies tensors to its host
+  assert [r["save_host_bytes"] for r in reports] == [total, 0], reports
   # only process 0 wrote, and what it wrote is the checkpoint
   assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
     "config.json",

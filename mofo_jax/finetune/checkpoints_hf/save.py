@@ -43,13 +43,16 @@ def _take(arr: jax.Array, layer: jax.Array | None) -> jax.Array:
   return arr if layer is None else jax.lax.dynamic_index_in_dim(arr, layer, 0, keepdims=False)
 
 
-def _to_host(arr: jax.Array, layer: int | None, kernel: bool) -> np.ndarray:
+def _to_host(
+  arr: jax.Array, layer: int | None, kernel: bool, wanted: bool = True
+) -> np.ndarray | None:
   """One HF tensor (a parameter, or one layer of a stacked one) as a host array.
 
   A layer is first taken on the devices, sharded like the rest of its parameter. When this
   process holds every shard, the host copy is assembled from the shards (each distinct one
   copied once), so no device ever holds more than its shard. Otherwise (several processes)
-  this one tensor is all-gathered, which every process must join.
+  this one tensor is all-gathered, which every process must join; a process that does not
+  write (``wanted`` False) joins the gather and returns None, copying nothing to its host.
   """
   if not isinstance(arr, jax.Array):  # already on the host (e.g. a gathered numpy tree)
     host = np.asarray(arr if layer is None else arr[layer])
@@ -60,7 +63,15 @@ def _to_host(arr: jax.Array, layer: int | None, kernel: bool) -> np.ndarray:
     # one SPMD program per parameter shape (the layer is traced), not one per device
     out = sharding if mesh is None else NamedSharding(mesh, P(*sharding.spec[1:]))
     arr = jax.jit(_take, out_shardings=out)(arr, layer)
-  if arr.is_fully_addressable:
+  if not arr.is_fully_addressable:
+    gathered = jax.jit(_take, out_shardings=NamedSharding(mesh, P()))(arr, None)
+    if not wanted:
+      gathered.block_until_ready()  # one gathered tensor on the devices at a time
+      return None
+    host = np.asarray(gathered.addressable_data(0))
+  elif not wanted:
+    return None
+  else:
     host = np.empty(arr.shape, arr.dtype)
     done = set()
     for shard in arr.addressable_shards:
@@ -68,9 +79,6 @@ def _to_host(arr: jax.Array, layer: int | None, kernel: bool) -> np.ndarray:
       if key not in done:
         done.add(key)
         host[tuple(slice(lo, hi) for lo, hi in key)] = np.asarray(shard.data)
-  else:
-    gathered = jax.jit(_take, out_shardings=NamedSharding(mesh, P()))(arr, None)
-    host = np.asarray(gathered.addressable_data(0))
   return np.ascontiguousarray(np.swapaxes(host, -1, -2)) if kernel else host
 
 
@@ -166,7 +174,8 @@ def save_hf_checkpoint(
     for file, entries in plan:
       # every process takes part in the gathers, even after a write failed on process 0,
       # so that none waits forever in a collective
-      tensors = {name: _to_host(arr, layer, kernel) for name, arr, layer, kernel in entries}
+      # only the writer copies the tensors to its host; the others join the gathers alone
+      tensors = {name: _to_host(arr, layer, kernel, lead) for name, arr, layer, kernel in entries}
       if lead and error is None:
         try:
           save_file(tensors, str(tmp / file), metadata={"format": "pt"})
