@@ -115,15 +115,10 @@ class PallasApproxSelection:
         moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tilings):
-      return fallback()
-
     def kernels():
       return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings, shards)
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(tpu=kernels, default=fallback)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings, shards):
     # The XLA path's samples from its inputs (the thresholds are the same either way).

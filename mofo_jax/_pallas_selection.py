@@ -576,17 +576,12 @@ class PallasSelection:
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tilings):
-      return fallback()
-
     def kernels():
       return self._with_kernels(
         moments, filtered, specs, is_global, fraction, previous, tilings, shards
       )
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(tpu=kernels, default=fallback)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings, shards):
     results = _selection.select_momentum_rest(

@@ -724,6 +724,22 @@ def select_momentum_rest(
   return results
 
 
+def kernels_or_fallback(
+  kernel: str,
+  any_taken: bool,
+  kernels: Callable[[], Any],
+  fallback: Callable[[], Any],
+  platform: str,
+) -> Any:
+  """A kernel selection's dispatch: ``fallback()`` when no leaf is taken, ``kernels()`` under
+  ``kernel="always"``, else whichever ``lax.platform_dependent`` lowers for ``platform``."""
+  if not any_taken:
+    return fallback()
+  if kernel == "always":
+    return kernels()
+  return lax.platform_dependent(**{platform: kernels}, default=fallback)
+
+
 def select_momentum_split(
   fallback: Selection,
   moments: MomentUpdate,

@@ -187,9 +187,6 @@ class TritonSelection:
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tiles):
-      return fallback()
-
     def kernels():
       return _selection.select_momentum_split(
         self.fallback,
@@ -213,6 +210,6 @@ class TritonSelection:
         ),
       )
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(cuda=kernels, default=fallback)
+    return _selection.kernels_or_fallback(
+      self.kernel, any(t is not None for t in tiles), kernels, fallback, "cuda"
+    )
