@@ -20,7 +20,6 @@ layout and every platform but TPU (``"auto"``) go through the ``fallback``
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -165,10 +164,6 @@ class PallasApproxSelection:
         None,
       )
       for j, i in enumerate(idx):
-        shape = moments.grads[i].shape
         count = _counts.Count(his[j], los[j])
-        results[0][i], results[1][i] = ms[j], vs[j]
-        results[2][i] = _selection.block_mask(ms[j], specs[i], tau_of[i])
-        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-        results[4][i] = tau_of[i]
+        _selection.put_leaf(results, i, specs[i], ms[j], vs[j], tau_of[i], count)
     return tuple(results)

@@ -626,10 +626,6 @@ class PallasSelection:
         _pallas_sharded.traced(fraction),
       )
       for j, i in enumerate(idx):
-        shape = moments.grads[i].shape
-        results[0][i], results[1][i] = ms[j], vs[j]
-        results[2][i] = _selection.block_mask(ms[j], specs[i], taus[j])
         count = _counts.Count(his[j], los[j])
-        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-        results[4][i] = taus[j]
+        _selection.put_leaf(results, i, specs[i], ms[j], vs[j], taus[j], count)
     return tuple(results)

@@ -758,11 +758,24 @@ def select_momentum_split(
     fallback, moments, filtered, specs, is_global, fraction, previous, take
   )
   for i in (i for i, t in enumerate(take) if t):
-    m, v, tau, count = select_leaf(i)
-    results[0][i], results[1][i], results[4][i] = m, v, tau
-    results[2][i] = block_mask(m, specs[i], tau)
-    results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
+    put_leaf(results, i, specs[i], *select_leaf(i))
   return tuple(results)
+
+
+def put_leaf(
+  results: list[list],
+  i: int,
+  spec: _partition.BlockSpec,
+  m: jax.Array,
+  v: jax.Array,
+  tau: jax.Array,
+  count: _counts.Count,
+) -> None:
+  """Fills leaf ``i`` of :func:`select_momentum_rest`'s lists from a kernel's new moments,
+  block-shaped threshold and per-block count (the mask from ``m`` and ``tau``, the count summed)."""
+  results[0][i], results[1][i], results[4][i] = m, v, tau
+  results[2][i] = block_mask(m, spec, tau)
+  results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
 
 
 def _count_mask(mask: jax.Array) -> _counts.Count:
