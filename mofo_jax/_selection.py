@@ -740,28 +740,6 @@ def kernels_or_fallback(
   return lax.platform_dependent(**{platform: kernels}, default=fallback)
 
 
-def select_momentum_split(
-  fallback: Selection,
-  moments: MomentUpdate,
-  filtered: list[bool],
-  specs: list[_partition.BlockSpec],
-  is_global: bool,
-  fraction: Any,
-  previous: list[jax.Array] | None,
-  take: list[bool],
-  select_leaf: Callable[[int], tuple[jax.Array, jax.Array, jax.Array, _counts.Count]],
-) -> tuple[list, list, list, list, list]:
-  """:func:`select_momentum`'s results, with the leaves ``take`` marks selected one by one by
-  ``select_leaf(i)`` (new m, new v, block-shaped threshold, per-block count: a kernel) and the
-  others by ``fallback``."""
-  results = select_momentum_rest(
-    fallback, moments, filtered, specs, is_global, fraction, previous, take
-  )
-  for i in (i for i, t in enumerate(take) if t):
-    put_leaf(results, i, specs[i], *select_leaf(i))
-  return tuple(results)
-
-
 def put_leaf(
   results: list[list],
   i: int,

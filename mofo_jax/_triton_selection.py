@@ -187,17 +187,14 @@ class TritonSelection:
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
+    take = [t is not None for t in tiles]
+
     def kernels():
-      return _selection.select_momentum_split(
-        self.fallback,
-        moments,
-        filtered,
-        specs,
-        is_global,
-        fraction,
-        previous,
-        [t is not None for t in tiles],
-        lambda i: select_leaf(
+      results = _selection.select_momentum_rest(
+        self.fallback, moments, filtered, specs, is_global, fraction, previous, take
+      )
+      for i in (i for i, t in enumerate(take) if t):
+        m, v, tau, count = select_leaf(
           moments.grads[i],
           moments.mus[i],
           moments.nus[i],
@@ -207,9 +204,8 @@ class TritonSelection:
           moments.first_moment,
           moments.second_moment,
           interpret=self.interpret,
-        ),
-      )
+        )
+        _selection.put_leaf(results, i, specs[i], m, v, tau, count)
+      return tuple(results)
 
-    return _selection.kernels_or_fallback(
-      self.kernel, any(t is not None for t in tiles), kernels, fallback, "cuda"
-    )
+    return _selection.kernels_or_fallback(self.kernel, any(take), kernels, fallback, "cuda")
