@@ -36,6 +36,7 @@ from mofo_jax import _counts
 from mofo_jax import _pallas_selection
 from mofo_jax import _partition
 from mofo_jax import _selection
+from mofo_jax import _sharding
 
 RADIX_BITS = 4  # the digit the fused pass counts: the key's top 4 bits
 _DIGITS = 1 << RADIX_BITS
@@ -167,7 +168,7 @@ class TritonSelection:
 
   def tiles(self, moments, filtered, specs, is_global) -> list[int | None]:
     """Per leaf, the kernel's tile, or None where the leaf goes to the fallback."""
-    if is_global or (self.kernel == "auto" and jax.device_count() > 1):
+    if is_global or (self.kernel == "auto" and not _sharding.on_one_device(moments.grads)):
       return [None] * len(filtered)
     out = []
     for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
