@@ -89,10 +89,7 @@ class PallasApproxSelection:
 
   def __post_init__(self):
     object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
-    if self.kernel not in ("auto", "always"):
-      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
-    if not isinstance(self.tile_entries, int) or self.tile_entries < 1024:
-      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+    _ps.check_fields(self.kernel, self.tile_entries)
     if not isinstance(self.fallback, _approx.ApproxSelection):
       raise ValueError(f"fallback={self.fallback!r} must be an ApproxSelection.")
 

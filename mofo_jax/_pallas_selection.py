@@ -504,6 +504,14 @@ def unstack(ms, vs, per_block, t: Tiling, spec, shape):
   return ([x.reshape(shape) for x in ms], [x.reshape(shape) for x in vs]), tuple(per_leaf)
 
 
+def check_fields(kernel: str, tile_entries: Any) -> None:
+  """The Pallas selections' ``kernel`` and ``tile_entries`` checks (one vreg is the least tile)."""
+  if kernel not in ("auto", "always"):
+    raise ValueError(f"kernel={kernel!r} must be 'auto' or 'always'.")
+  if not isinstance(tile_entries, int) or tile_entries < _SUBLANES * _LANES:
+    raise ValueError(f"tile_entries={tile_entries!r} must be an int >= {_SUBLANES * _LANES}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class PallasSelection:
   """``selection=``: exact selection with the momentum's search fused into Adam's pass by Pallas
@@ -548,10 +556,7 @@ class PallasSelection:
 
   def __post_init__(self):
     object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
-    if self.kernel not in ("auto", "always"):
-      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
-    if not isinstance(self.tile_entries, int) or self.tile_entries < _SUBLANES * _LANES:
-      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+    check_fields(self.kernel, self.tile_entries)
 
   def initial_thresholds(self, leaves, filtered, specs):
     return self.fallback.initial_thresholds(leaves, filtered, specs)
