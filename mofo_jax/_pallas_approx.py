@@ -20,7 +20,6 @@ layout and every platform but TPU (``"auto"``) go through the ``fallback``
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -90,10 +89,7 @@ class PallasApproxSelection:
 
   def __post_init__(self):
     object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
-    if self.kernel not in ("auto", "always"):
-      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
-    if not isinstance(self.tile_entries, int) or self.tile_entries < 1024:
-      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+    _ps.check_fields(self.kernel, self.tile_entries)
     if not isinstance(self.fallback, _approx.ApproxSelection):
       raise ValueError(f"fallback={self.fallback!r} must be an ApproxSelection.")
 
@@ -115,15 +111,10 @@ class PallasApproxSelection:
         moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tilings):
-      return fallback()
-
     def kernels():
       return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings, shards)
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(tpu=kernels, default=fallback)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings, shards):
     # The XLA path's samples from its inputs (the thresholds are the same either way).
@@ -170,10 +161,6 @@ class PallasApproxSelection:
         None,
       )
       for j, i in enumerate(idx):
-        shape = moments.grads[i].shape
         count = _counts.Count(his[j], los[j])
-        results[0][i], results[1][i] = ms[j], vs[j]
-        results[2][i] = _selection.block_mask(ms[j], specs[i], tau_of[i])
-        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-        results[4][i] = tau_of[i]
+        _selection.put_leaf(results, i, specs[i], ms[j], vs[j], tau_of[i], count)
     return tuple(results)

@@ -504,6 +504,14 @@ def unstack(ms, vs, per_block, t: Tiling, spec, shape):
   return ([x.reshape(shape) for x in ms], [x.reshape(shape) for x in vs]), tuple(per_leaf)
 
 
+def check_fields(kernel: str, tile_entries: Any) -> None:
+  """The Pallas selections' ``kernel`` and ``tile_entries`` checks (one vreg is the least tile)."""
+  if kernel not in ("auto", "always"):
+    raise ValueError(f"kernel={kernel!r} must be 'auto' or 'always'.")
+  if not isinstance(tile_entries, int) or tile_entries < _SUBLANES * _LANES:
+    raise ValueError(f"tile_entries={tile_entries!r} must be an int >= {_SUBLANES * _LANES}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class PallasSelection:
   """``selection=``: exact selection with the momentum's search fused into Adam's pass by Pallas
@@ -548,10 +556,7 @@ class PallasSelection:
 
   def __post_init__(self):
     object.__setattr__(self, "specs", _pallas_sharded.flat_specs(self.specs))
-    if self.kernel not in ("auto", "always"):
-      raise ValueError(f"kernel={self.kernel!r} must be 'auto' or 'always'.")
-    if not isinstance(self.tile_entries, int) or self.tile_entries < _SUBLANES * _LANES:
-      raise ValueError(f"tile_entries={self.tile_entries!r} must be an int >= 1024.")
+    check_fields(self.kernel, self.tile_entries)
 
   def initial_thresholds(self, leaves, filtered, specs):
     return self.fallback.initial_thresholds(leaves, filtered, specs)
@@ -576,17 +581,12 @@ class PallasSelection:
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tilings):
-      return fallback()
-
     def kernels():
       return self._with_kernels(
         moments, filtered, specs, is_global, fraction, previous, tilings, shards
       )
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(tpu=kernels, default=fallback)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings, shards):
     results = _selection.select_momentum_rest(
@@ -631,10 +631,6 @@ class PallasSelection:
         _pallas_sharded.traced(fraction),
       )
       for j, i in enumerate(idx):
-        shape = moments.grads[i].shape
-        results[0][i], results[1][i] = ms[j], vs[j]
-        results[2][i] = _selection.block_mask(ms[j], specs[i], taus[j])
         count = _counts.Count(his[j], los[j])
-        results[3][i] = _counts.to_array(_counts.total(count, math.prod(shape)))
-        results[4][i] = taus[j]
+        _selection.put_leaf(results, i, specs[i], ms[j], vs[j], taus[j], count)
     return tuple(results)

@@ -101,10 +101,7 @@ def shards(moments, specs, kernel: str, mesh: Any, pspecs) -> list[Shard | None]
   if found is not None:
     m, ps = found
     return [shard(g.shape, sp, p, m) for g, sp, p in zip(moments.grads, specs, ps)]
-  # jax.device_count() is the host's: an ahead-of-time compile for a TPU slice on a CPU host
-  # sees 1, while the arrays' abstract mesh (Auto axes: its size, not the split) says more.
-  sizes = [getattr(getattr(jax.typeof(g).sharding, "mesh", None), "size", 1) for g in moments.grads]
-  if kernel == "always" or (jax.device_count() == 1 and max(sizes, default=1) == 1):
+  if kernel == "always" or _sharding.on_one_device(moments.grads):
     return None
   return [None] * len(specs)
 

@@ -724,29 +724,36 @@ def select_momentum_rest(
   return results
 
 
-def select_momentum_split(
-  fallback: Selection,
-  moments: MomentUpdate,
-  filtered: list[bool],
-  specs: list[_partition.BlockSpec],
-  is_global: bool,
-  fraction: Any,
-  previous: list[jax.Array] | None,
-  take: list[bool],
-  select_leaf: Callable[[int], tuple[jax.Array, jax.Array, jax.Array, _counts.Count]],
-) -> tuple[list, list, list, list, list]:
-  """:func:`select_momentum`'s results, with the leaves ``take`` marks selected one by one by
-  ``select_leaf(i)`` (new m, new v, block-shaped threshold, per-block count: a kernel) and the
-  others by ``fallback``."""
-  results = select_momentum_rest(
-    fallback, moments, filtered, specs, is_global, fraction, previous, take
-  )
-  for i in (i for i, t in enumerate(take) if t):
-    m, v, tau, count = select_leaf(i)
-    results[0][i], results[1][i], results[4][i] = m, v, tau
-    results[2][i] = block_mask(m, specs[i], tau)
-    results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
-  return tuple(results)
+def kernels_or_fallback(
+  kernel: str,
+  any_taken: bool,
+  kernels: Callable[[], Any],
+  fallback: Callable[[], Any],
+  platform: str,
+) -> Any:
+  """A kernel selection's dispatch: ``fallback()`` when no leaf is taken, ``kernels()`` under
+  ``kernel="always"``, else whichever ``lax.platform_dependent`` lowers for ``platform``."""
+  if not any_taken:
+    return fallback()
+  if kernel == "always":
+    return kernels()
+  return lax.platform_dependent(**{platform: kernels}, default=fallback)
+
+
+def put_leaf(
+  results: list[list],
+  i: int,
+  spec: _partition.BlockSpec,
+  m: jax.Array,
+  v: jax.Array,
+  tau: jax.Array,
+  count: _counts.Count,
+) -> None:
+  """Fills leaf ``i`` of :func:`select_momentum_rest`'s lists from a kernel's new moments,
+  block-shaped threshold and per-block count (the mask from ``m`` and ``tau``, the count summed)."""
+  results[0][i], results[1][i], results[4][i] = m, v, tau
+  results[2][i] = block_mask(m, spec, tau)
+  results[3][i] = _counts.to_array(_counts.total(count, np.size(m)))
 
 
 def _count_mask(mask: jax.Array) -> _counts.Count:

@@ -37,6 +37,14 @@ def is_explicit(mesh: Any) -> bool:
   return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
 
 
+def on_one_device(leaves: Sequence[Any]) -> bool:
+  """Whether ``leaves`` (arrays or tracers) lie on one device. ``jax.device_count()`` alone is
+  the host's: an ahead-of-time compile for a pod slice on a CPU host sees 1, while the leaves'
+  abstract mesh (under Auto axes its size, not the split) says more."""
+  sizes = [getattr(getattr(jax.typeof(x).sharding, "mesh", None), "size", 1) for x in leaves]
+  return jax.device_count() == 1 and max(sizes, default=1) <= 1  # no mesh: size 0
+
+
 def block_sharding(leaf: Any, spec: _partition.BlockSpec) -> NamedSharding | None:
   """``reduced_sharding`` of the leaf viewed through the BlockSpec, over its ranked axes."""
   view = spec.view_shape(np.shape(leaf))

@@ -36,6 +36,7 @@ from mofo_jax import _counts
 from mofo_jax import _pallas_selection
 from mofo_jax import _partition
 from mofo_jax import _selection
+from mofo_jax import _sharding
 
 RADIX_BITS = 4  # the digit the fused pass counts: the key's top 4 bits
 _DIGITS = 1 << RADIX_BITS
@@ -167,7 +168,7 @@ class TritonSelection:
 
   def tiles(self, moments, filtered, specs, is_global) -> list[int | None]:
     """Per leaf, the kernel's tile, or None where the leaf goes to the fallback."""
-    if is_global or (self.kernel == "auto" and jax.device_count() > 1):
+    if is_global or (self.kernel == "auto" and not _sharding.on_one_device(moments.grads)):
       return [None] * len(filtered)
     out = []
     for g, mu, nu, f, spec in zip(moments.grads, moments.mus, moments.nus, filtered, specs):
@@ -187,20 +188,14 @@ class TritonSelection:
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    if not any(tiles):
-      return fallback()
+    take = [t is not None for t in tiles]
 
     def kernels():
-      return _selection.select_momentum_split(
-        self.fallback,
-        moments,
-        filtered,
-        specs,
-        is_global,
-        fraction,
-        previous,
-        [t is not None for t in tiles],
-        lambda i: select_leaf(
+      results = _selection.select_momentum_rest(
+        self.fallback, moments, filtered, specs, is_global, fraction, previous, take
+      )
+      for i in (i for i, t in enumerate(take) if t):
+        m, v, tau, count = select_leaf(
           moments.grads[i],
           moments.mus[i],
           moments.nus[i],
@@ -210,9 +205,8 @@ class TritonSelection:
           moments.first_moment,
           moments.second_moment,
           interpret=self.interpret,
-        ),
-      )
+        )
+        _selection.put_leaf(results, i, specs[i], m, v, tau, count)
+      return tuple(results)
 
-    if self.kernel == "always":
-      return kernels()
-    return lax.platform_dependent(cuda=kernels, default=fallback)
+    return _selection.kernels_or_fallback(self.kernel, any(take), kernels, fallback, "cuda")

@@ -1,6 +1,9 @@
 """The Pallas kernel selection against the XLA exact path, bit for bit, in interpret mode."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -148,6 +151,31 @@ def assert_auto_is_xla_on_cpu(monkeypatch, auto, xla, shape):
   text = _select.lower(auto, spec, 0.1, *arrays, None).as_text()
   assert "mofo_adam_moments_count" not in text and "tpu_custom_call" not in text
   assert_same(_select(auto, spec, 0.1, *arrays, None), _select(xla, spec, 0.1, *arrays, None))
+
+
+# Lowered in a process of one CPU device, the arrays without a mesh, as on one TPU chip.
+_LOWER = """
+import jax, jax.numpy as jnp, mofo_jax
+params = {"w": jax.ShapeDtypeStruct((64, 256), jnp.float32), "b": jax.ShapeDtypeStruct((8,), jnp.float32)}
+for sel in (mofo_jax.PallasSelection(tile_entries=1024), mofo_jax.PallasApproxSelection(tile_entries=1024)):
+  opt = mofo_jax.mofo(1e-2, 0.1, selection=sel)
+  state = jax.eval_shape(opt.init, params)
+  traced = jax.jit(opt.update).trace(params, state, params)
+  for platform in ("tpu", "cpu"):
+    print(platform, traced.lower(lowering_platforms=(platform,)).as_text().count("tpu_custom_call"))
+"""
+
+
+def test_auto_lowers_the_kernels_for_tpu_on_one_device():
+  """ "auto" lowers the kernels for TPU (exact: the fused and counting passes; approx: its one
+  pass) and none for CPU (before: a leaf without a mesh counted as sharded, so none for TPU)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+  r = subprocess.run(
+    [sys.executable, "-c", _LOWER], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split() == ["tpu", "3", "cpu", "0", "tpu", "1", "cpu", "0"]
 
 
 def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):

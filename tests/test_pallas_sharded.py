@@ -152,6 +152,9 @@ def test_auto_never_gives_a_kernel_a_sharded_leaf_it_cannot_see(monkeypatch):
   x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
   jax.jit(fn).lower(x)
   assert seen == [[None]]
+  # Without a mesh (its abstract mesh is empty, of size 0) the leaf runs whole in the kernels.
+  jax.jit(fn).lower(jax.ShapeDtypeStruct((64, 256), jnp.float32))
+  assert seen[1] is None
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])

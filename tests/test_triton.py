@@ -115,3 +115,25 @@ def test_lowers_for_cuda_and_only_there():
   )
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.split() == ["cuda", "2", "cpu", "0"]
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_auto_never_gives_the_kernel_a_sharded_leaf(monkeypatch):
+  """Lowering for a GPU cluster on a one-device host: jax.device_count() is 1, but the arrays lie
+  on a mesh of 8, so no leaf runs whole in the kernel (one device's kernel on a split leaf)."""
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  adam = mofo_jax._transform._Adam.at(jnp.int32(1), 0.9, 0.999, 1e-8, jnp.float32, jnp.float32)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  seen = []
+
+  def fn(g):
+    moments = _selection.MomentUpdate([g], [g], [g], adam.first_moment, adam.second_moment, 0)
+    seen.append(ts.TritonSelection().tiles(moments, [True], [_partition.PER_LEAF], False))
+    return g
+
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  jax.jit(fn).lower(jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=sharding))
+  assert seen == [[None]]
+  # One device, no mesh: the kernel takes the leaf.
+  jax.jit(fn).lower(jax.ShapeDtypeStruct((64, 128), jnp.float32))
+  assert seen[1] == [ts.TILE_ENTRIES]
