@@ -110,7 +110,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     remat=args.remat == "full",
     scan_layers=not args.no_scan_layers,
   )
-  check_mesh(config, sizes, target.devices, batch)
+  check_mesh(config, sizes, target.devices)
   devices, on_tpu = _devices(args.platform, target)
   mesh = make_mesh(devices, sizes)
   hbm = HBM_GIB.get(target.generation) if target.generation else None
