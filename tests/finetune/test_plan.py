@@ -49,6 +49,20 @@ def test_bad_mesh_and_batch_name_the_problem(capsys, argv, needle):
   assert needle in err, err
 
 
+@pytest.mark.parametrize(
+  "flag, where, needle",
+  [("--json", "missing/plan.json", "does not exist"), ("--save-hlo", "a-file", "not a directory")],
+)
+def test_unwritable_outputs_stop_before_compiling(capsys, tmp_path, flag, where, needle):
+  (tmp_path / "a-file").write_text("mine")
+  err = _error(
+    capsys,
+    ["--model", "llama-3.2-1b", "--devices", "8", "--layers", "1", flag, str(tmp_path / where)],
+  )
+  assert needle in err, err
+  assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_mesh_that_does_not_divide_hidden_names_fsdp(capsys):
   err = _error(capsys, ["--model", "qwen2.5-7b", "--devices", "6", "--mesh", "fsdp=-1"])
   assert "'fsdp' of size 6 does not divide hidden_size=3584" in err, err

@@ -168,6 +168,11 @@ def _check_sizes(args: argparse.Namespace, sizes: dict[str, int], batch: int) ->
     )
   if args.json and Path(args.json).exists():
     raise PlanError(f"--json {args.json}: the file exists; give a new name")
+  # Checked before compiling: a write that fails after minutes of compile loses the plan.
+  if args.json and not Path(args.json).parent.is_dir():
+    raise PlanError(f"--json {args.json}: the directory {Path(args.json).parent} does not exist")
+  if args.save_hlo and Path(args.save_hlo).exists() and not Path(args.save_hlo).is_dir():
+    raise PlanError(f"--save-hlo {args.save_hlo}: a file, not a directory")
   if args.layers is not None and args.layers < 1:
     raise PlanError("--layers must be positive")
 
