@@ -63,6 +63,12 @@ def test_unwritable_outputs_stop_before_compiling(capsys, tmp_path, flag, where,
   assert (tmp_path / "a-file").read_text() == "mine"
 
 
+def test_topology_libtpu_refuses_is_one_line(capsys):
+  pytest.importorskip("libtpu")  # CI's third step, the tpu-plan venv
+  err = _error(capsys, ["--model", "llama-3.2-1b", "--topology", "v5e:1x32", "--layers", "1"])
+  assert "--topology v5e:1x32: libtpu:" in err, err
+
+
 def test_mesh_that_does_not_divide_hidden_names_fsdp(capsys):
   err = _error(capsys, ["--model", "qwen2.5-7b", "--devices", "6", "--mesh", "fsdp=-1"])
   assert "'fsdp' of size 6 does not divide hidden_size=3584" in err, err

@@ -175,7 +175,10 @@ def tpu_devices(topology: str):
   from jax.experimental import topologies
 
   kwargs = {"chip_config_name": "megacore"} if topology.startswith(("v4", "v5p")) else {}
-  return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+  except RuntimeError as e:  # a layout libtpu does not build (JaxRuntimeError: INVALID_ARGUMENT)
+    raise PlanError(f"--topology {topology}: libtpu: {str(e).splitlines()[0]}") from None
 
 
 def cpu_devices(n: int):
