@@ -45,6 +45,23 @@ def remote_command(argv):
   return cmd[len("--command=") :]
 
 
+def run_on_worker(home, ssh, stub):
+  """Runs a gcloud ssh argv's remote command in a worker's shell, with HOME ``home`` and a
+  stub mofo-finetune (the shell script ``stub``) in ~/.local/bin, where pip --user puts it."""
+  program = home / ".local" / "bin" / "mofo-finetune"
+  program.parent.mkdir(parents=True)
+  program.write_text(f"#!/bin/sh\n{stub}\n")
+  program.chmod(0o755)
+  return subprocess.run(
+    [BASH, "-c", remote_command(ssh)],
+    cwd=home,
+    env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+    capture_output=True,
+    text=True,
+    timeout=10,
+  )
+
+
 TARGET = ["--name", "pod1", "--zone", "us-central2-b"]
 
 
@@ -126,18 +143,9 @@ def test_launch_passes_arguments_through_unchanged(tmp_path):
   assert ssh[:6] == TPU + ["ssh", "pod1"] and "--worker=all" in ssh
   # Execute the remote command here with a stub CLI: the worker's shell
   # must hand mofo-finetune exactly the words given after --.
-  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-  stub.parent.mkdir(parents=True)
-  stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "[$a]"; done\n')
-  stub.chmod(0o755)
-  out = subprocess.run(
-    [BASH, "-c", remote_command(ssh)],
-    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout
-  assert out.splitlines() == [f"[{a}]" for a in ["--distributed", *args]]
+  proc = run_on_worker(tmp_path, ssh, 'for a in "$@"; do printf "%s\\n" "[$a]"; done')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [f"[{a}]" for a in ["--distributed", *args]]
 
 
 def test_launch_detached_in_workdir(tmp_path):
@@ -158,18 +166,9 @@ def test_launch_detached_in_workdir(tmp_path):
     "cd runs || exit 1;" in remote
     and "nohup mofo-finetune --distributed --steps 3 > train.log" in remote
   )
-  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-  stub.parent.mkdir(parents=True)
-  stub.write_text('#!/bin/sh\necho "ran with $*"\n')
-  stub.chmod(0o755)
   (tmp_path / "runs").mkdir()
-  subprocess.run(
-    [BASH, "-c", remote],
-    cwd=tmp_path,
-    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    check=True,
-    timeout=10,
-  )
+  proc = run_on_worker(tmp_path, ssh, 'echo "ran with $*"')
+  assert proc.returncode == 0, proc.stderr
   log = tmp_path / "runs" / "train.log"
   for _ in range(100):
     if log.exists() and log.read_text():
@@ -201,18 +200,7 @@ def test_names_at_the_limits_of_the_rule():
 
 def test_launch_stops_when_the_workdir_is_missing(tmp_path):
   [ssh] = dry_run("launch.sh", *TARGET, "--workdir", "typo", "--", "--steps", "3")
-  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-  stub.parent.mkdir(parents=True)
-  stub.write_text('#!/bin/sh\necho ran\n')
-  stub.chmod(0o755)
-  proc = subprocess.run(
-    [BASH, "-c", remote_command(ssh)],
-    cwd=tmp_path,
-    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    capture_output=True,
-    text=True,
-    timeout=10,
-  )
+  proc = run_on_worker(tmp_path, ssh, "echo ran")
   assert proc.returncode != 0 and "ran" not in proc.stdout and "typo" in proc.stderr
 
 
@@ -497,19 +485,8 @@ def test_until_done_commands_pass_the_real_gcloud_argument_parser(tmp_path):
 @pytest.mark.parametrize("prepare, runs", [("touch prepared", True), ("false", False)])
 def test_launch_prepare_runs_first_and_must_succeed(tmp_path, prepare, runs):
   [ssh] = dry_run("launch.sh", *TARGET, "--workdir", "runs", "--prepare", prepare, "--", "-x")
-  stub = tmp_path / ".local" / "bin" / "mofo-finetune"
-  stub.parent.mkdir(parents=True)
-  stub.write_text('#!/bin/sh\necho "ran with $*"\n')
-  stub.chmod(0o755)
   (tmp_path / "runs").mkdir()
-  proc = subprocess.run(
-    [BASH, "-c", remote_command(ssh)],
-    cwd=tmp_path,
-    env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    capture_output=True,
-    text=True,
-    timeout=10,
-  )
+  proc = run_on_worker(tmp_path, ssh, 'echo "ran with $*"')
   assert (proc.returncode == 0) == runs and ("ran with --distributed -x" in proc.stdout) == runs
   assert (tmp_path / "prepared").exists() == runs  # in the home directory, before --workdir
 

@@ -37,7 +37,7 @@ def test_mofo_finetune_plan_dispatches_to_plan(capsys):
 @pytest.mark.parametrize(
   "argv, needle",
   [
-    (["--mesh", "fsdp=1,tensor=16"], "tensor=16 does not divide num_key_value_heads=8"),
+    (["--mesh", "fsdp=1,tensor=16"], "'tensor' of size 16 does not divide num_key_value_heads=8"),
     (["--mesh", "fsdp=3,tensor=-1"], "3 does not divide the 16 devices"),
     (["--mesh", "fsdp=8"], "has 8 devices; the target has 16"),
     (["--batch-size", "8"], "--batch-size 8 is not a multiple of grad_accum x data x fsdp = 16"),
@@ -49,9 +49,29 @@ def test_bad_mesh_and_batch_name_the_problem(capsys, argv, needle):
   assert needle in err, err
 
 
+@pytest.mark.parametrize(
+  "flag, where, needle",
+  [("--json", "missing/plan.json", "does not exist"), ("--save-hlo", "a-file", "not a directory")],
+)
+def test_unwritable_outputs_stop_before_compiling(capsys, tmp_path, flag, where, needle):
+  (tmp_path / "a-file").write_text("mine")
+  err = _error(
+    capsys,
+    ["--model", "llama-3.2-1b", "--devices", "8", "--layers", "1", flag, str(tmp_path / where)],
+  )
+  assert needle in err, err
+  assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_topology_libtpu_refuses_is_one_line(capsys):
+  pytest.importorskip("libtpu")  # CI's third step, the tpu-plan venv
+  err = _error(capsys, ["--model", "llama-3.2-1b", "--topology", "v5e:1x32", "--layers", "1"])
+  assert "--topology v5e:1x32: libtpu:" in err, err
+
+
 def test_mesh_that_does_not_divide_hidden_names_fsdp(capsys):
   err = _error(capsys, ["--model", "qwen2.5-7b", "--devices", "6", "--mesh", "fsdp=-1"])
-  assert "fsdp=6 does not divide hidden_size=3584" in err, err
+  assert "'fsdp' of size 6 does not divide hidden_size=3584" in err, err
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def run_plan(args: argparse.Namespace) -> tuple[str, list[PlanResult]]:
     remat=args.remat == "full",
     scan_layers=not args.no_scan_layers,
   )
-  check_mesh(config, sizes, target.devices, batch)
+  check_mesh(config, sizes, target.devices)
   devices, on_tpu = _devices(args.platform, target)
   mesh = make_mesh(devices, sizes)
   hbm = HBM_GIB.get(target.generation) if target.generation else None
@@ -168,6 +168,11 @@ def _check_sizes(args: argparse.Namespace, sizes: dict[str, int], batch: int) ->
     )
   if args.json and Path(args.json).exists():
     raise PlanError(f"--json {args.json}: the file exists; give a new name")
+  # Checked before compiling: a write that fails after minutes of compile loses the plan.
+  if args.json and not Path(args.json).parent.is_dir():
+    raise PlanError(f"--json {args.json}: the directory {Path(args.json).parent} does not exist")
+  if args.save_hlo and Path(args.save_hlo).exists() and not Path(args.save_hlo).is_dir():
+    raise PlanError(f"--save-hlo {args.save_hlo}: a file, not a directory")
   if args.layers is not None and args.layers < 1:
     raise PlanError("--layers must be positive")
 

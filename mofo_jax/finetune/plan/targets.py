@@ -109,36 +109,31 @@ def parse_target(topology: str | None, devices: int | None, chip: str | None) ->
   )
 
 
-def check_mesh(config, sizes: dict[str, int], devices: int, batch: int) -> None:
-  """Raises ``PlanError`` naming the axis when the mesh cannot shard this model and batch.
+def check_mesh(config, sizes: dict[str, int], devices: int) -> None:
+  """Raises ``PlanError`` when the mesh does not span the target or cannot shard this model.
+
+  Which model dimensions each axis must divide comes from the model's sharding rules, through
+  the check the trainer's loader runs (``checkpoints_hf.check_mesh``).
 
   Example:
     >>> from mofo_jax.finetune.plan.presets import model_config
-    >>> check_mesh(model_config("llama-3.1-8b"), {"data": 1, "fsdp": 4, "tensor": 16}, 64, 4)
+    >>> check_mesh(model_config("llama-3.1-8b"), {"data": 1, "fsdp": 4, "tensor": 16}, 64)
     Traceback (most recent call last):
     ...
-    mofo_jax.finetune.plan.targets.PlanError: --mesh: tensor=16 does not divide num_key_value_heads=8
+    mofo_jax.finetune.plan.targets.PlanError: --mesh data=1,fsdp=4,tensor=16: mesh axis 'tensor' of size 16 does not divide num_key_value_heads=8 (logical axis 'kv_heads')
   """
+  import jax
+
+  from mofo_jax.finetune.checkpoints_hf import check_mesh as check_rules
+
   if math.prod(sizes.values()) != devices:
     raise PlanError(
       f"--mesh {mesh_str(sizes)} has {math.prod(sizes.values())} devices; the target has {devices}"
     )
-  needs = {
-    "tensor": {
-      "num_attention_heads": config.num_attention_heads,
-      "num_key_value_heads": config.num_key_value_heads,
-      "vocab_size": config.vocab_size,
-      "intermediate_size": config.intermediate_size,
-    },
-    "fsdp": {"hidden_size": config.hidden_size},
-  }
-  for axis, dims in needs.items():
-    for name, size in dims.items():
-      if size % sizes[axis]:
-        raise PlanError(f"--mesh: {axis}={sizes[axis]} does not divide {name}={size}")
-  shards = sizes["data"] * sizes["fsdp"]
-  if batch % shards:
-    raise PlanError(f"--batch-size {batch} is not a multiple of data x fsdp = {shards}")
+  try:
+    check_rules(config, jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes)))
+  except ValueError as e:
+    raise PlanError(f"--mesh {mesh_str(sizes)}: {e}") from None
 
 
 def mesh_str(sizes: dict[str, int]) -> str:
@@ -180,7 +175,10 @@ def tpu_devices(topology: str):
   from jax.experimental import topologies
 
   kwargs = {"chip_config_name": "megacore"} if topology.startswith(("v4", "v5p")) else {}
-  return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices
+  except RuntimeError as e:  # a layout libtpu does not build (JaxRuntimeError: INVALID_ARGUMENT)
+    raise PlanError(f"--topology {topology}: libtpu: {str(e).splitlines()[0]}") from None
 
 
 def cpu_devices(n: int):
