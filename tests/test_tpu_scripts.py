@@ -239,6 +239,11 @@ def test_delete():
     ("create.sh", ["--name", "pod1", "--zone", "us central"], "is not a zone"),
     ("launch.sh", [*TARGET, "--until-done", "--detach"], "drop --detach"),
     ("launch.sh", [*TARGET, "--max-relaunches", "many"], "is not a number"),
+    ("create.sh", [*TARGET, "--spot", "--preemptible"], "exclude each other"),
+    # A slice made again after a preemption has lost its disks, and the checkpoints on them.
+    ("launch.sh", [*TARGET, "--until-done", "--", "--steps", "9"], "a --checkpoint-dir gs://"),
+    ("launch.sh", [*TARGET, "--until-done", "--", "--checkpoint-dir", "ckpt"], "own disk"),
+    ("launch.sh", [*TARGET, "--until-done", "--", "--checkpoint-dir=/mnt/c"], "own disk"),
   ],
 )
 def test_errors(script, args, message):
@@ -337,6 +342,7 @@ def test_every_command_passes_the_real_gcloud_argument_parser(tmp_path):
   target = [*TARGET, "--project", "my-project"]
   runs = [
     ("create.sh", ["--spot", "--accelerator-type", "v5litepod-16"]),
+    ("create.sh", ["--preemptible", "--accelerator-type", "v4-8"]),
     ("delete.sh", ["--yes"]),
     ("fetch.sh", ["--remote-dir", "runs/ckpt", "--local-dir", str(tmp_path / "out")]),
     ("fetch.sh", ["--remote-dir", "gs://bucket/ckpt", "--local-dir", str(tmp_path / "out")]),
@@ -425,8 +431,9 @@ def test_until_done_relaunches_with_resume_after_status_75(tmp_path):
   assert "relaunch 2 of at most 20" in proc.stderr
 
 
-def test_until_done_makes_a_preempted_spot_slice_again(tmp_path):
-  state = "PREEMPTED\tv5litepod-16\tv2-alpha-tpuv5-lite\tTrue"
+@pytest.mark.parametrize("scheduling, flag", [("True,", "--spot"), (",True", "--preemptible")])
+def test_until_done_makes_a_preempted_slice_again(tmp_path, scheduling, flag):
+  state = f"PREEMPTED,v5litepod-16,v2-alpha-tpuv5-lite,{scheduling}"
   path, env = scripted_gcloud(tmp_path, [255, 0], state)
   run_script("launch.sh", *TARGET, *UNTIL_DONE, env=env, path=path)
   ran = logged(tmp_path)
@@ -434,7 +441,8 @@ def test_until_done_makes_a_preempted_spot_slice_again(tmp_path):
   assert ran[1][4:] == [
     "pod1",
     "--zone=us-central2-b",
-    "--format=value(state,acceleratorType,runtimeVersion,schedulingConfig.spot)",
+    "--format=csv[no-heading](state,acceleratorType,runtimeVersion,schedulingConfig.spot,"
+    "schedulingConfig.preemptible)",
   ]
   assert ran[2][-1] == "--quiet"
   assert ran[3][4:] == [
@@ -442,7 +450,7 @@ def test_until_done_makes_a_preempted_spot_slice_again(tmp_path):
     "--zone=us-central2-b",
     "--accelerator-type=v5litepod-16",
     "--version=v2-alpha-tpuv5-lite",
-    "--spot",
+    flag,
   ]
   assert "mofo_jax_src[finetune]" in remote_command(ran[5])  # installed again
   assert launched(ran[6])[-1] == "--resume"
@@ -451,7 +459,7 @@ def test_until_done_makes_a_preempted_spot_slice_again(tmp_path):
 @pytest.mark.parametrize(
   "exits, state, message",
   [
-    ([1], "READY\tv4-32\ttpu-ubuntu2204-base\t", "status 1 on a slice in state READY"),
+    ([1], "READY,v4-32,tpu-ubuntu2204-base,,", "status 1 on a slice in state READY"),
     ([75, 75], "", "stopping after 1 relaunches"),
   ],
 )
@@ -470,7 +478,7 @@ def test_until_done_commands_pass_the_real_gcloud_argument_parser(tmp_path):
   """The relaunch loop's commands (describe, delete, create, install, launch) stop at auth."""
   config = tmp_path / "gcloud_config"
   config.mkdir()
-  state = "PREEMPTED\tv5litepod-16\tv2-alpha-tpuv5-lite\tTrue"
+  state = "PREEMPTED,v5litepod-16,v2-alpha-tpuv5-lite,True,"
   path, env = scripted_gcloud(tmp_path, [255, 0], state, real=GCLOUD)
   env |= {"CLOUDSDK_CONFIG": str(config), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
   target = [*TARGET, "--project", "my-project"]

@@ -12,12 +12,14 @@ Creates a Cloud TPU VM slice with gcloud compute tpus tpu-vm create.
                            (default: \$TPU_ACCELERATOR, else v4-32)
   --version RUNTIME        TPU software version (default: \$TPU_RUNTIME, else
                            the JAX image for the TPU generation)
-  --spot                   create a Spot TPU (cheaper, can be preempted)"
+  --spot                   create a Spot TPU (cheaper, can be preempted)
+  --preemptible            create a preemptible TPU (the older kind of Spot)"
 TPU_ACCELERATOR="${TPU_ACCELERATOR:-v4-32}"
 TPU_RUNTIME="${TPU_RUNTIME:-}"
 SPOT=0
+PREEMPTIBLE=0
 OPTIONS="$OPTIONS accelerator-type=TPU_ACCELERATOR version=TPU_RUNTIME"
-FLAGS="$FLAGS spot=SPOT"
+FLAGS="$FLAGS spot=SPOT preemptible=PREEMPTIBLE"
 parse_args "$@"
 require_tpu
 require_gcloud
@@ -35,7 +37,11 @@ fi
 
 cmd=(gcloud compute tpus tpu-vm create "$TPU_NAME" "${GCLOUD_FLAGS[@]}"
   "--accelerator-type=$TPU_ACCELERATOR" "--version=$TPU_RUNTIME")
-if [ "$SPOT" = 1 ]; then
+if [ "$SPOT" = 1 ] && [ "$PREEMPTIBLE" = 1 ]; then
+  die "--spot and --preemptible exclude each other"
+elif [ "$SPOT" = 1 ]; then
   cmd+=(--spot)
+elif [ "$PREEMPTIBLE" = 1 ]; then
+  cmd+=(--preemptible)
 fi
 run "${cmd[@]}"

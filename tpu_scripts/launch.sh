@@ -25,8 +25,11 @@ passed to mofo-finetune unchanged.
                         75 (SIGTERM: every process saved the same step), and
                         after the slice itself was preempted (its state
                         PREEMPTED or TERMINATED: it is deleted, created again
-                        with the same type, version and Spot setting, and
-                        installed again with install.sh)
+                        with the same type, version and Spot or preemptible
+                        setting, and installed again with install.sh; its
+                        network, service account and labels are gcloud's
+                        defaults). Needs mofo-finetune's --checkpoint-dir on
+                        gs://, since the slice's disks go with it
   --max-relaunches N    give up after N relaunches (default: 20)
   --package SPEC        with --until-done: what install.sh installs on a
                         recreated slice (default: this checkout's HEAD)"
@@ -48,6 +51,32 @@ if [ "$UNTIL_DONE" = 1 ] && [ "$DETACH" = 1 ]; then
   die "--until-done waits for the run to relaunch it: drop --detach (run this script itself in tmux or under nohup)"
 fi
 [[ "$MAX_RELAUNCHES" =~ ^[0-9]+$ ]] || die "--max-relaunches '$MAX_RELAUNCHES' is not a number"
+
+# Prints the value of mofo-finetune's --checkpoint-dir among the words after --, if any.
+checkpoint_dir() {
+  local word take=0
+  for word in ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}; do
+    if [ "$take" = 1 ]; then
+      printf '%s' "$word"
+      return
+    fi
+    case "$word" in
+      --checkpoint-dir=*) printf '%s' "${word#*=}" && return ;;
+      --checkpoint-dir) take=1 ;;
+    esac
+  done
+}
+
+if [ "$UNTIL_DONE" = 1 ]; then
+  # A preempted slice is deleted and made again, and its disks with it: a relaunch can only
+  # resume from checkpoints kept off the slice.
+  ckpt="$(checkpoint_dir)"
+  case "$ckpt" in
+    gs://*) ;;
+    "") die "--until-done relaunches with --resume: pass mofo-finetune a --checkpoint-dir gs://BUCKET/PATH after --" ;;
+    *) die "--until-done: --checkpoint-dir '$ckpt' is on the slice's own disk, which is lost when a preempted slice is made again: use a gs:// directory" ;;
+  esac
+fi
 
 # What mofo-finetune exits with after saving the step all processes agreed on after a SIGTERM.
 EXIT_PREEMPTED=75
@@ -109,9 +138,10 @@ while :; do
   if [ "$status" != "$EXIT_PREEMPTED" ]; then
     # The slice may be gone (a preempted Spot slice): then make it again, like it was.
     slice="$(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" \
-      '--format=value(state,acceleratorType,runtimeVersion,schedulingConfig.spot)')" ||
+      '--format=csv[no-heading](state,acceleratorType,runtimeVersion,schedulingConfig.spot,schedulingConfig.preemptible)')" ||
       stop "$status" "mofo-finetune ended with status $status and the slice cannot be described; stopping"
-    read -r state accelerator runtime spot <<<"$slice"
+    # Commas, not tabs: read would merge the tabs around an empty field.
+    IFS=, read -r state accelerator runtime spot preemptible <<<"$slice"
     case "$state" in
       PREEMPTED | TERMINATED) ;;
       *) stop "$status" "mofo-finetune ended with status $status on a slice in state ${state:-unknown}: not a preemption; stopping" ;;
@@ -127,6 +157,8 @@ while :; do
     create=(--accelerator-type "$accelerator" --version "$runtime")
     if [ "$spot" = True ]; then
       create+=(--spot)
+    elif [ "$preemptible" = True ]; then
+      create+=(--preemptible)
     fi
     bash "$here/create.sh" "${create[@]}"
     if [ -n "$PACKAGE" ]; then
