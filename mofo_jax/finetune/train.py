@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,8 +67,21 @@ def make_mesh(spec: str | Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   needed = math.prod(sizes.values())
   if needed < 1 or needed > len(devices) or (free and needed != len(devices)):
     raise ValueError(f"mesh {sizes} needs {needed} devices; {len(devices)} are available.")
-  arr = np.asarray(devices[:needed]).reshape(tuple(sizes.values()))
-  return jax.sharding.Mesh(arr, tuple(sizes))
+  return jax.sharding.Mesh(device_grid(devices[:needed], tuple(sizes.values())), tuple(sizes))
+
+
+def device_grid(devices: Sequence[jax.Device], shape: tuple[int, ...]) -> np.ndarray:
+  """``devices`` as an array of ``shape`` whose axes follow the chips' links where JAX knows
+  them (a whole TPU slice: ``mesh_utils.create_device_mesh``), else in the order given.
+
+  The trainer and ``mofo-finetune plan`` both lay meshes out here, so the collectives plan
+  compiles are the ones a run makes.
+  """
+  try:
+    return mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    # A part of a slice (the first devices of it) has no physical layout of its own.
+    return np.asarray(devices).reshape(shape)
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from mofo_jax.finetune import plan
+from mofo_jax.finetune import plan, train
 from tests.finetune.conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,6 +67,21 @@ def test_topology_libtpu_refuses_is_one_line(capsys):
   pytest.importorskip("libtpu")  # CI's third step, the tpu-plan venv
   err = _error(capsys, ["--model", "llama-3.2-1b", "--topology", "v5e:1x32", "--layers", "1"])
   assert "--topology v5e:1x32: libtpu:" in err, err
+
+
+def test_plan_and_the_trainer_lay_a_slice_out_alike():
+  """Both follow the chips' links, so plan compiles the collectives a run makes."""
+  pytest.importorskip("libtpu")  # CI's third step, the tpu-plan venv
+  from jax.experimental import topologies
+
+  devices = topologies.get_topology_desc(
+    platform="tpu", topology_name="v5e:4x4", chips_per_host_bounds=(2, 2, 1)
+  ).devices
+  sizes = {"data": 2, "fsdp": 4, "tensor": 2}
+  ids = lambda mesh: [d.id for d in mesh.devices.flat]
+  ours = ids(train.make_mesh(sizes, devices))
+  assert ours == ids(plan.make_mesh(devices, sizes))
+  assert ours != [d.id for d in devices]  # laid out by the torus, not in listing order
 
 
 def test_mesh_that_does_not_divide_hidden_names_fsdp(capsys):
@@ -192,7 +207,7 @@ def _abstract_params(config):
 
 _LARGE_STEP = textwrap.dedent("""
     import json
-    from mofo_jax.finetune import plan
+    from mofo_jax.finetune import plan, train
     # Llama-3.2-1B shapes (2 of its 16 layers, to compile in CI), scanned and rematerialised,
     # float32 masters, bfloat16 compute, 16 simulated devices, 2 rows of 256 tokens each.
     config = plan.model_config("llama-3.2-1b", num_hidden_layers=2, dtype="bfloat16",

@@ -199,14 +199,11 @@ def cpu_devices(n: int):
 
 
 def make_mesh(devices, sizes: dict[str, int]):
-  """A (data, fsdp, tensor) mesh of ``sizes`` over ``devices``, laid out for their topology."""
+  """A (data, fsdp, tensor) mesh of ``sizes`` over ``devices``, laid out as the trainer lays
+  out its own (:func:`mofo_jax.finetune.train.device_grid`)."""
   import jax
-  import numpy as np
-  from jax.experimental import mesh_utils
 
-  shape = tuple(sizes.values())
-  try:
-    arr = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    arr = np.asarray(devices).reshape(shape)
-  return jax.sharding.Mesh(arr, tuple(sizes), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  from mofo_jax.finetune import train
+
+  grid = train.device_grid(devices, tuple(sizes.values()))
+  return jax.sharding.Mesh(grid, tuple(sizes), axis_types=(jax.sharding.AxisType.Auto,) * 3)
