@@ -70,12 +70,18 @@ def main(process_id: int, port: int, ckpt: str, out: str) -> None:
     return host
 
   hf_save._to_host = counting_to_host
+  # Gathers in runs of at most 4 KiB (rows permitting): record each run length traced.
+  hf_save.GATHER_BYTES = 4096
+  real_rows, run_bytes = hf_save._rows, []
+
+  def recording_rows(arr, start, size):
+    run_bytes.append(size * arr.nbytes // arr.shape[0])
+    return real_rows(arr, start, size)
+
+  hf_save._rows = recording_rows
   checkpoints_hf.save_hf_checkpoint(model, config, Path(out) / "saved")
-  (Path(out) / f"read-{process_id}.json").write_text(
-    json.dumps(
-      {"bytes_read": bytes_read, "own_slices_bytes": own, "save_host_bytes": save_host_bytes}
-    )
-  )
+  report = {"bytes_read": bytes_read, "own_slices_bytes": own, "save_host_bytes": save_host_bytes}
+  (Path(out) / f"read-{process_id}.json").write_text(json.dumps(report | {"runs": run_bytes}))
   jax.distributed.shutdown()
 
 

@@ -222,6 +222,9 @@ def test_two_processes_each_read_only_their_part(ckpt, tmp_path):
     assert r["bytes_read"] < 0.55 * total
   # every process joins the gathers of the save, but only the writer copies tensors to its host
   assert [r["save_host_bytes"] for r in reports] == [total, 0], reports
+  # in runs of rows, none over the worker's GATHER_BYTES of 4096, not whole tensors
+  runs = reports[0]["runs"]
+  assert runs == reports[1]["runs"] and len(runs) > 1 and 0 < max(runs) <= 4096, runs
   # only process 0 wrote, and what it wrote is the checkpoint
   assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
     "config.json",

@@ -2,7 +2,7 @@
 
 Tensors go to the host one Hugging Face tensor at a time (one layer of a stacked parameter) --
 assembled from the local shards when the process holds them all, else all-gathered one tensor
-at a time -- and are written into safetensors files of bounded size. In a multi-process run
+at a time, in runs of rows -- and are written into safetensors files of bounded size. In a multi-process run
 every process joins the gathers and process 0 alone writes.
 """
 
@@ -20,12 +20,15 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
+from mofo_jax import _sharding
 from mofo_jax.finetune.checkpoints_hf.naming import INDEX, SINGLE, config_to_hf, hf_names, index_key
 from mofo_jax.finetune.model import LlamaConfig, LlamaForCausalLM
+
+GATHER_BYTES = 1 << 28  # per device, beyond its shards, while a multi-process save gathers
 
 
 def _export_entries(model: LlamaForCausalLM) -> list[tuple[str, Any, int | None, bool]]:
@@ -41,6 +44,37 @@ def _export_entries(model: LlamaForCausalLM) -> list[tuple[str, Any, int | None,
 
 def _take(arr: jax.Array, layer: jax.Array | None) -> jax.Array:
   return arr if layer is None else jax.lax.dynamic_index_in_dim(arr, layer, 0, keepdims=False)
+
+
+def _rows(arr: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(arr, start, size, 0)
+
+
+def _gathered(arr: jax.Array, wanted: bool) -> np.ndarray | None:
+  """``arr``, spread over several processes, on this host (None where not ``wanted``):
+  all-gathered in runs of leading rows of at most ``GATHER_BYTES``, so that each device holds
+  one run beside its shards, not the whole tensor (a 70B model's float32 embedding is 4.2 GB).
+  Every process must call it; one program per run length."""
+  mesh = arr.sharding.mesh
+  if _sharding.is_explicit(mesh):
+    # Explicit axes refuse a slice that cuts across shards: the same layout on Auto axes (no
+    # data moves) leaves the slicing to XLA's partitioner.
+    mesh = jax.sharding.Mesh(
+      mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)
+    )
+    arr = jax.device_put(arr, NamedSharding(mesh, arr.sharding.spec))
+  replicated = NamedSharding(mesh, P())
+  rows = arr.shape[0]
+  step = max(1, min(rows, GATHER_BYTES * rows // max(arr.nbytes, 1)))
+  gather = jax.jit(_rows, static_argnums=2, out_shardings=replicated)
+  host = np.empty(arr.shape, arr.dtype) if wanted else None
+  for start in range(0, rows, step):
+    run = gather(arr, start, min(step, rows - start))
+    if host is None:
+      run.block_until_ready()  # one gathered run on the devices at a time
+    else:
+      host[start : start + run.shape[0]] = np.asarray(run.addressable_data(0))
+  return host
 
 
 def _to_host(
@@ -64,11 +98,9 @@ def _to_host(
     out = sharding if mesh is None else NamedSharding(mesh, P(*sharding.spec[1:]))
     arr = jax.jit(_take, out_shardings=out)(arr, layer)
   if not arr.is_fully_addressable:
-    gathered = jax.jit(_take, out_shardings=NamedSharding(mesh, P()))(arr, None)
-    if not wanted:
-      gathered.block_until_ready()  # one gathered tensor on the devices at a time
+    host = _gathered(arr, wanted)
+    if host is None:
       return None
-    host = np.asarray(gathered.addressable_data(0))
   elif not wanted:
     return None
   else:
