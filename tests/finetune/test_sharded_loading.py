@@ -207,6 +207,25 @@ def test_loading_onto_a_bad_mesh_fails_before_reading(ckpt, monkeypatch):
     load_hf_checkpoint(ckpt, mesh=jax.make_mesh((4, 2), ("data", "fsdp")))
 
 
+def test_a_saved_run_of_rows_costs_the_devices_the_run_not_the_tensor():
+  """What a multi-process save gathers onto every device per step: one run of rows."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from mofo_jax.finetune.checkpoints_hf import save as hf_save
+
+  mesh = _mesh((1, 4, 2))
+  arr = jax.device_put(
+    np.arange(2048 * 512, dtype=np.float32).reshape(2048, 512),
+    NamedSharding(mesh, P("fsdp", "tensor")),
+  )
+  gather = jax.jit(hf_save._rows, static_argnums=(1, 2), out_shardings=NamedSharding(mesh, P()))
+  run = gather(arr, 100, 256)  # across the first two fsdp shards
+  np.testing.assert_array_equal(np.asarray(run), np.asarray(arr)[100:356])
+  temps = gather.lower(arr, 100, 256).compile().memory_analysis().temp_size_in_bytes
+  assert temps <= 2 * run.nbytes < arr.nbytes // 2, temps
+
+
 # --- two processes --------------------------------------------------------------------------------
 
 

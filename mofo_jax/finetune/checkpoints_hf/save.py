@@ -46,15 +46,16 @@ def _take(arr: jax.Array, layer: jax.Array | None) -> jax.Array:
   return arr if layer is None else jax.lax.dynamic_index_in_dim(arr, layer, 0, keepdims=False)
 
 
-def _rows(arr: jax.Array, start: jax.Array, size: int) -> jax.Array:
-  return jax.lax.dynamic_slice_in_dim(arr, start, size, 0)
+def _rows(arr: jax.Array, start: int, size: int) -> jax.Array:
+  # A static slice: with a traced start XLA all-gathers the whole tensor and then slices it.
+  return arr[start : start + size]
 
 
 def _gathered(arr: jax.Array, wanted: bool) -> np.ndarray | None:
   """``arr``, spread over several processes, on this host (None where not ``wanted``):
   all-gathered in runs of leading rows of at most ``GATHER_BYTES``, so that each device holds
   one run beside its shards, not the whole tensor (a 70B model's float32 embedding is 4.2 GB).
-  Every process must call it; one program per run length."""
+  Every process must call it; one program per run (the same runs for every layer)."""
   mesh = arr.sharding.mesh
   if _sharding.is_explicit(mesh):
     # Explicit axes refuse a slice that cuts across shards: the same layout on Auto axes (no
@@ -66,7 +67,7 @@ def _gathered(arr: jax.Array, wanted: bool) -> np.ndarray | None:
   replicated = NamedSharding(mesh, P())
   rows = arr.shape[0]
   step = max(1, min(rows, GATHER_BYTES * rows // max(arr.nbytes, 1)))
-  gather = jax.jit(_rows, static_argnums=2, out_shardings=replicated)
+  gather = jax.jit(_rows, static_argnums=(1, 2), out_shardings=replicated)
   host = np.empty(arr.shape, arr.dtype) if wanted else None
   for start in range(0, rows, step):
     run = gather(arr, start, min(step, rows - start))
