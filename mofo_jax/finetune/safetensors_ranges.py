@@ -100,6 +100,9 @@ class SafetensorsFile:
     ([3, 4], [[6.0, 7.0], [10.0, 11.0]])
   """
 
+  # A slice of columns costs its whole rows: the loader groups slices that share rows.
+  reads_whole_rows = True
+
   def __init__(self, path: str | os.PathLike):
     self.path = epath.Path(path)
     self._stream = self.path.open("rb")

@@ -79,20 +79,49 @@ class SafetensorsSource:
     return self._handles[name].get_slice(name)[index]
 
   def reader(self, names, stacked, kernel, dtype):
-    """``index -> host array`` of one parameter in our layout, reading only that slice."""
+    """``index -> host array`` of one parameter in our layout, reading only that slice.
+
+    Where the files are read by ranges of whole rows (``gs://``), the function also has
+    ``many(keys)``: every key's slice from one read of the rows each HF tensor holds for them,
+    or None when no two keys share rows (see :func:`_place`).
+    """
+
+    def hf_key(key):
+      return hf_shape(key[1:] if stacked else key, kernel)
+
+    def hf_index(key):
+      return tuple(slice(lo, hi) for lo, hi in hf_key(key))
+
+    def layers(key):
+      return range(*key[0]) if stacked else range(len(names))
+
+    def put(out, key, layer, part):
+      # assignment converts the file dtype to the parameter dtype (round to nearest even)
+      target = out[layer - key[0][0]] if stacked else out
+      target[...] = np.swapaxes(part, -1, -2) if kernel else part
 
     def read(key):
-      shape = [hi - lo for lo, hi in key]
-      out = np.empty(shape, dtype)
-      rest = key[1:] if stacked else key
-      hf_index = tuple(slice(lo, hi) for lo, hi in hf_shape(rest, kernel))
-      layer_names = names[key[0][0] : key[0][1]] if stacked else names
-      for i, name in enumerate(layer_names):
-        part = self.read(name, hf_index)
-        # assignment converts the file dtype to the parameter dtype (round to nearest even)
-        (out[i] if stacked else out)[...] = np.swapaxes(part, -1, -2) if kernel else part
+      out = np.empty([hi - lo for lo, hi in key], dtype)
+      for layer in layers(key):
+        put(out, key, layer, self.read(names[layer], hf_index(key)))
       return out
 
+    def many(keys):
+      by_rows: dict[tuple, list] = {}
+      for key in keys:
+        by_rows.setdefault((key[0] if stacked else None, hf_key(key)[0]), []).append(key)
+      if all(len(group) == 1 for group in by_rows.values()):
+        return None
+      outs = {key: np.empty([hi - lo for lo, hi in key], dtype) for key in keys}
+      for (_, rows), group in by_rows.items():
+        for layer in layers(group[0]):
+          whole = self.read(names[layer], (slice(*rows),))  # once, for every key's columns
+          for key in group:
+            put(outs[key], key, layer, whole[(slice(None), *hf_index(key)[1:])])
+      return outs
+
+    if all(getattr(self._handles[n], "reads_whole_rows", False) for n in names):
+      read.many = many
     return read
 
 
@@ -127,7 +156,8 @@ def _place(shape: tuple, sharding: jax.sharding.Sharding | None, read) -> jax.Ar
   """Builds one global array from host reads of the slices this process's devices hold.
 
   Each distinct shard index is read once (replicas share it) and put on its devices before
-  the next is read, so host memory holds about one slice. ``jax.make_array_from_callback``
+  the next is read, so host memory holds about one slice (all of this process's slices where
+  ``read.many`` reads shared rows once). ``jax.make_array_from_callback``
   would read once per device and hold every local slice at once.
   """
   if sharding is None:  # one device, as the unsharded loader always did
@@ -136,9 +166,14 @@ def _place(shape: tuple, sharding: jax.sharding.Sharding | None, read) -> jax.Ar
   index_map = sharding.addressable_devices_indices_map(shape)
   for device, index in index_map.items():
     groups.setdefault(index_key(index, shape), []).append(device)
+  # Slices that split a file's rows (columns of an HF tensor) would each fetch the whole rows
+  # from a ranged source: there the rows are read once and every local slice cut from them,
+  # holding this process's slices of the parameter at once instead of one.
+  many = getattr(read, "many", None)
+  hosts = many(list(groups)) if many is not None and len(groups) > 1 else None
   placed = {}
   for key, devices in groups.items():
-    host = read(key)
+    host = read(key) if hosts is None else hosts.pop(key)
     for device in devices:
       placed[device] = jax.device_put(host, device)
     jax.block_until_ready([placed[d] for d in devices])  # transfers are async; free `host` now
