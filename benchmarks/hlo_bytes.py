@@ -23,6 +23,7 @@ on-chip memory (``S(1)`` in TPU layouts), which ``cost_analysis()`` bills too.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from mofo_jax.finetune.hlo import ARRAY, ON_CHIP, Instruction, Module, attr, shape_bytes
 
@@ -124,12 +125,7 @@ class _Module(Module):
       if inst.opcode == "conditional":
         # One branch runs, which is known only at run time: ``branch`` (max or min) picks the
         # bill. Operands are passed as buffers, so only the branch moves bytes.
-        names = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs)
-        if names:
-          branches = [b.strip() for b in names.group(1).split(",")]
-        else:
-          branches = [attr(inst.attrs, k) for k in ("false_computation", "true_computation")]
-        costs = [self.cost(b, trips, loops, branch) for b in branches]
+        costs = [self.cost(b, trips, loops, branch) for b in _branches(inst)]
         loops.append({"conditional": inst.name, "branch_bytes": costs})
         total += branch(costs)
       elif inst.opcode == "while":
@@ -151,6 +147,40 @@ class _Module(Module):
       else:
         total += self.instruction_bytes(inst)
     return total
+
+  def bills(self, computation: str, branch=max, trips: int = 1) -> list[tuple[float, int, Any]]:
+    """``(bytes, trips, instruction)`` of every instruction that moves bytes, loop bodies
+    included with their trip counts (bytes counts every trip), in the branch ``branch`` picks."""
+    out = []
+    for inst in self.computations[computation]:
+      if inst.opcode == "conditional":
+        paths = [self.bills(b, branch, trips) for b in _branches(inst)]
+        out.extend(branch(paths, key=lambda p: sum(b for b, _, _ in p)))
+      elif inst.opcode == "while":
+        n = trips * (self.trip_count(inst) or 1)
+        out.extend(self.bills(attr(inst.attrs, "body"), branch, n))
+        out.extend(self.bills(attr(inst.attrs, "condition"), branch, n))
+      elif b := self.instruction_bytes(inst):
+        out.append((b * trips, trips, inst))
+    return out
+
+
+def _branches(inst: Instruction) -> list[str]:
+  """The computations a conditional picks between."""
+  names = re.search(r"branch_computations=\{([^}]*)\}", inst.attrs)
+  if names:
+    return [b.strip() for b in names.group(1).split(",")]
+  return [attr(inst.attrs, k) for k in ("false_computation", "true_computation")]
+
+
+def instructions(
+  text: str, device_memory_only: bool = False, branch=max
+) -> list[tuple[float, int, Instruction]]:
+  """Every instruction of the HLO module ``text`` that moves bytes, as ``(bytes, trips,
+  instruction)``: its bytes times the trips of the loops around it, in the dearest (``max``) or
+  cheapest (``min``) branch of each conditional. They add up to :func:`bytes_accessed`'s."""
+  module = _Module(text, device_memory_only)
+  return module.bills(module.entry, branch)
 
 
 def bytes_accessed(

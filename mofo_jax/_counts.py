@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 BITS = 16
 _LOW = (1 << BITS) - 1
@@ -67,6 +68,26 @@ def sum_counts(c: Count, axis: int | tuple[int, ...] | None = None, keepdims=Fal
     jnp.sum(c.hi, axis=axis, dtype=jnp.int32, keepdims=keepdims),
     jnp.sum(c.lo, axis=axis, dtype=jnp.int32, keepdims=keepdims),
   )
+
+
+def psum(c: Count, axes: tuple[str, ...], max_value: int) -> Count:
+  """The sum of a count over the mesh ``axes`` (inside ``shard_map``) in one all-reduce, given a
+  bound on that sum.
+
+  Below 2**31 the count travels as one int32 (``hi * 2**16 + lo``: each device's term is at
+  most the sum, so neither it nor the sum overflows), 4 bytes an entry; else its two limbs
+  stacked into one operand, each summed exactly in int32 (``lo`` under 2**16 from fewer than
+  2**15 devices, ``hi`` under ``max_value / 2**16 < 2**31``), 8 bytes an entry.
+  """
+  if max_value >= MAX_COUNT:
+    raise ValueError(f"A count of {max_value} entries exceeds the supported 2**47.")
+  if max_value < INT32_LIMIT:
+    return split(lax.psum(c.hi * (1 << BITS) + c.lo, axes))
+  devices = math.prod(lax.axis_size(a) for a in axes)
+  if devices >= MAX_TERMS:
+    raise ValueError(f"Summing counts over {devices} devices exceeds the supported 2**15.")
+  both = lax.psum(jnp.stack([c.hi, c.lo]), axes)
+  return normalise(both[0], both[1])
 
 
 def _size(shape: Sequence[int], axis: int | tuple[int, ...]) -> int:

@@ -253,12 +253,13 @@ def block_counts(
   """``[group * num_blocks, num_cands]`` Counts (leaf-major) from the per-tile counts of a
   kernel: exact past 2**31 (tiles hold under 2**24 entries; 2**7 of them sum in int32, then by
   limbs); summed over the mesh axes ``psum_axes`` (inside ``shard_map``: the axes that split a
-  block, see :mod:`mofo_jax._pallas_sharded`)."""
+  block, see :mod:`mofo_jax._pallas_sharded`) in one all-reduce (:func:`_counts.psum`)."""
   count = _tile_sums(tiles, t, num_cands)
   if not psum_axes:
     return count
-  # Limbs under 2**16 from fewer than 2**15 devices: the int32 sums are exact.
-  return _counts.normalise(*(lax.psum(a, psum_axes) for a in count))
+  # A block is the shards' blocks together: its entries bound the sum.
+  whole = t.block_rows * t.cols * math.prod(lax.axis_size(a) for a in psum_axes)
+  return _counts.psum(count, psum_axes, whole)
 
 
 def _tile_sums(tiles: jax.Array, t: Tiling, num_cands: int) -> _counts.Count:

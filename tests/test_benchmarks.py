@@ -90,6 +90,28 @@ def test_hlo_bytes_bills_a_conditional_its_dearest_or_cheapest_branch():
   )
 
 
+def test_instructions_add_up_and_the_breakdown_bills_the_optimizer_scope():
+  """The per-instruction bills add up to bytes_accessed in either branch; the breakdown keeps
+  the instructions under the optimizer's scope, a 7-trip loop billed 7 reads of x."""
+  from benchmarks import hlo_breakdown
+  from mofo_jax.finetune.step import OPTIMIZER_SCOPE
+
+  def f(x, p):
+    with jax.named_scope(OPTIMIZER_SCOPE):
+      short, long = _counting_loop(3), _counting_loop(7)
+      y = jax.lax.cond(p[0] > 0, lambda: short(x)[0], lambda: long(x)[0])
+    return y, x + 1
+
+  text = _compiled(f, (N,), (1,)).as_text()
+  for branch in (max, min):
+    bills = hlo_bytes.instructions(text, branch=branch)
+    assert sum(b for b, _, _ in bills) == hlo_bytes.bytes_accessed(text, branch=branch)[0]
+  by_kind, found = hlo_breakdown.breakdown(text, False, max)
+  assert sum(by_kind.values()) == sum(b for b, *_ in found)
+  assert max(t for _, t, *_ in found) == 7
+  assert 7 * 4 * N <= sum(by_kind.values()) < hlo_bytes.bytes_accessed(text)[0]
+
+
 def test_hlo_bytes_without_loops_is_cost_analysis():
   c = _compiled(lambda x, y: x * y + 1, (N,), (N,))
   report = hlo_bytes.every_pass(c)

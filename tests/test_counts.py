@@ -67,3 +67,38 @@ def test_telemetry_reports_counts_past_2_31():
   injected = tel._replace(num_updated={"w": big(3 * 2**31)}, num_entries={"w": big(6 * 2**31)})
   summary = mofo_jax.telemetry_summary(injected)
   assert summary["fraction_updated"] == 0.5
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+@x64
+@pytest.mark.parametrize("max_value", [2**31 - 1, 2**40], ids=["one-int32", "stacked-limbs"])
+def test_psum_over_a_mesh_is_exact_in_one_all_reduce(x64, max_value):
+  """Per-device counts summed over a 2x4 mesh: the exact total (past 2**31 with the limbs
+  stacked, each limb near its bound), in one all-reduce of one operand."""
+  rng = np.random.default_rng(0)
+  bound = max_value // 8
+  per_device = rng.integers(bound - 2**17, bound, size=(8, 5), dtype=np.int64)
+  per_device[0, 0] = 0
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = jax.sharding.PartitionSpec(("a", "b"))
+  split = jax.sharding.NamedSharding(mesh, spec)
+
+  def total(hi, lo):
+    c = _counts.psum(_counts.Count(hi[0], lo[0]), ("a", "b"), max_value)
+    return c.hi[None], c.lo[None]
+
+  with jax.enable_x64(x64):
+    limbs = [
+      jax.device_put(np.asarray(a, np.int32), split)
+      for a in (per_device >> 16, per_device & 0xFFFF)
+    ]
+    fn = jax.jit(jax.shard_map(total, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec)))
+    hi, lo = fn(*limbs)
+    text = fn.lower(*limbs).compile().as_text()
+  want = per_device.sum(axis=0)
+  for d in range(8):
+    assert _value(_counts.Count(hi[d], lo[d])).tolist() == want.tolist()
+  assert max(want) >= 2**31 or max_value < 2**31
+  reduces = [line for line in text.splitlines() if " all-reduce(" in line]
+  assert len(reduces) == 1, reduces
+  assert ("s32[2,5]" if max_value >= 2**31 else "s32[5]") in reduces[0]

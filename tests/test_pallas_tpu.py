@@ -6,6 +6,7 @@ Runs where libtpu is installed (the ``tpu-plan`` extra), skips elsewhere.
 
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -157,4 +158,8 @@ def test_sharded_kernels_compile_for_four_chips(topology, approx):
   # Per leaf (their shards differ, so no shared group): the fused pass, and for exact a
   # counting kernel per branch of the bracket.
   assert len(calls) == (2 if approx else 6), len(calls)
-  assert "all-reduce" in text
+  # One all-reduce per pass, its counts one int32 each (blocks under 2**31 entries), not the
+  # two limbs: 7 (exact) collectives of 4 bytes per candidate.
+  reduces = [line for line in text.splitlines() if re.search(r" all-reduce(-start)?\(", line)]
+  counts = [line.split(" all-reduce")[0] for line in reduces if "s32[" in line]
+  assert counts and all(c.count("s32[") == 1 for c in counts), counts
