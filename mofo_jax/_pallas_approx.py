@@ -163,4 +163,6 @@ class PallasApproxSelection:
       for j, i in enumerate(idx):
         count = _counts.Count(his[j], los[j])
         _selection.put_leaf(results, i, specs[i], ms[j], vs[j], tau_of[i], count)
-    return tuple(results)
+    # The sixth list (see ApproxSelection.select_momentum), here the stored moments: the
+    # kernels' are buffers already.
+    return (*results, results[0])

@@ -236,10 +236,11 @@ class _Step(NamedTuple):
 
 def _by_momentum(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
   """MoFO: rank the new first moment, as the selection computes it (possibly fused)."""
-  mus, nus, masks, kept, thresholds = _selection.select_momentum(
+  mus, nus, masks, kept, thresholds, *fused = _selection.select_momentum(
     r.selection, moments, r.filtered, r.specs, r.is_global, r.fraction, previous=r.previous
   )
-  directions = [adam.direction(m, v) for m, v in zip(mus, nus)]
+  # A sixth list: the same first moments as expressions the update's fusion may compute itself.
+  directions = [adam.direction(m, v) for m, v in zip(fused[0] if fused else mus, nus)]
   return _Step(mus, nus, directions, masks, kept, thresholds)
 
 
