@@ -56,8 +56,8 @@ EXTRA_SELECTIONS = {
   "exact-xla": mofo_jax.ExactSelection(),
   "kernel": mofo_jax.PallasSelection(),
   "kernel-full": mofo_jax.PallasSelection(bracket=False),
-  # "approx" is mofo_jax.PallasApproxSelection() (on TPU the same program as "approx-kernel");
-  # this is the XLA path it falls back to.
+  # "approx" is mofo_jax.ApproxSelection(), the same program as "approx-xla"; "approx-kernel" is
+  # its opt-in Pallas TPU kernel (the XLA path off TPU).
   "approx-xla": mofo_jax.ApproxSelection(),
   "approx-kernel": mofo_jax.PallasApproxSelection(),
   # The Pallas Triton kernel (opt-in, "auto": only when lowered for CUDA), the exact XLA path
