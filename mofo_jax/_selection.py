@@ -637,8 +637,9 @@ def materialised(fn: Callable[[], list[jax.Array]], never_negative: jax.Array) -
       return ~x if x.dtype == jnp.bool_ else x + 1
     if not x.size:
       return x
-    first = (0,) * x.ndim
-    return x.at[first].set(~x[first] if x.dtype == jnp.bool_ else x[first] + 1)
+    # A constant, not a function of the entry: reading one entry of a sharded buffer would
+    # take a collective, and a program of LocalSelection has none.
+    return x.at[(0,) * x.ndim].set(True if x.dtype == jnp.bool_ else 1)
 
   def body(i, carry):
     return [touch(x) for x in carry]
