@@ -56,10 +56,13 @@ EXTRA_SELECTIONS = {
   "exact-xla": mofo_jax.ExactSelection(),
   "kernel": mofo_jax.PallasSelection(),
   "kernel-full": mofo_jax.PallasSelection(bracket=False),
-  # "approx" is mofo_jax.PallasApproxSelection() (on TPU the same program as "approx-kernel");
-  # this is the XLA path it falls back to.
+  # "approx" is mofo_jax.ApproxSelection(), the same program as "approx-xla"; "approx-kernel" is
+  # its opt-in Pallas TPU kernel (the XLA path off TPU).
   "approx-xla": mofo_jax.ApproxSelection(),
   "approx-kernel": mofo_jax.PallasApproxSelection(),
+  # The two samplings of ApproxSelection, whatever the platform ("approx" picks "scores" on CPU).
+  "approx-inputs": mofo_jax.ApproxSelection(sample_from="inputs"),
+  "approx-scores": mofo_jax.ApproxSelection(sample_from="scores"),
   # The Pallas Triton kernel (opt-in, "auto": only when lowered for CUDA), the exact XLA path
   # elsewhere.
   "kernel-gpu": mofo_jax.TritonSelection(),
@@ -400,7 +403,7 @@ def main(argv=None):
     help="comma-separated: adamw, topk (lax.top_k baseline), count / count-full (the counting "
     "search with and without the bracket), kernel / kernel-full (mofo_jax.PallasSelection with "
     "and without the bracket), exact-xla (ExactSelection), approx-xla (ApproxSelection), "
-    "approx-kernel (mofo_jax.PallasApproxSelection), kernel-gpu (mofo_jax.TritonSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
+    "approx-kernel (mofo_jax.PallasApproxSelection), approx-inputs / approx-scores (ApproxSelection(sample_from=...)), kernel-gpu (mofo_jax.TritonSelection) or a mofo_jax selection (exact, approx, ...); default adamw,exact,approx,topk (adamw,exact,approx for --tpu-topology)",
   )
   parser.add_argument(
     "--compile-only", action="store_true", help="only lower and compile, on abstract shapes"

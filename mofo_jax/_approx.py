@@ -179,7 +179,8 @@ class ApproxSelection:
 
   - ``"inputs"``: the sampled entries of the gradient and the old momentum, read before the pass,
     give the thresholds, so the moments, the mask and the update can be one fused pass (what
-    XLA:GPU and XLA:TPU make of Adam). The mask goes through one buffer (1 byte per entry).
+    XLA:GPU and XLA:TPU make of Adam); the count of kept entries re-reads the stored momentum
+    (4 bytes per entry): 32 bytes per entry and the sample's reads, where Adam moves 28.
   - ``"scores"``: the new momentum is computed into a buffer first and sampled there. XLA:CPU
     computes each moment in a loop of its own even for Adam, so this costs no extra pass there,
     and it measured ~1.6x faster than ``"inputs"`` on CPU.
@@ -234,7 +235,9 @@ class ApproxSelection:
 
   def select_momentum(self, moments, filtered, specs, is_global, fraction, previous=None):
     """The new moments and the masks of the sampled thresholds of the new first moment, sampled
-    where ``sample_from`` says (see :func:`mofo_jax.select_momentum`)."""
+    where ``sample_from`` says (see :func:`mofo_jax.select_momentum`), and a sixth list: the new
+    first moments the update is computed from (``"inputs"``: the expression, fused into the
+    update, whose value the first list stores in buffers)."""
     del previous  # every step samples afresh
     if not any(filtered):
       return self._from_scores(moments, filtered, specs, is_global, fraction)
@@ -260,16 +263,24 @@ class ApproxSelection:
       for g, mu, f in zip(moments.grads, moments.mus, filtered)
     ]
     nus = [moments.second_moment(g, nu) for g, nu in zip(moments.grads, moments.nus)]
-    # The mask goes into a buffer that the update and the count both read: the moment it
-    # compares is an expression that XLA may recompute, with other rounding, per fusion.
-    masks, kept, thresholds = _selection.masks_from_thresholds(
-      mus, filtered, specs, taus, None, is_global, materialise=True
+    # The new momentum is an expression: the mask the update applies is computed from it where
+    # the update is (one fused pass, as for Adam); the stored momentum is the same expression
+    # passed through a loop, a buffer, which the count re-reads (4 bytes per entry), so the
+    # count is of the stored values. That the update's fusion computes the value it stores is
+    # the compiler's choice, checked on the compiled program (tests/test_mask_consistency.py).
+    stored = _selection.materialised_leaves(mus, filtered, moments.count)
+    _, kept, thresholds = _selection.masks_from_thresholds(
+      stored, filtered, specs, taus, None, is_global
     )
-    return mus, nus, masks, kept, thresholds
+    masks = [
+      _selection.block_mask(m, sp, tau) if f else None
+      for m, sp, tau, f in zip(mus, specs, thresholds, filtered)
+    ]
+    return stored, nus, masks, kept, thresholds, mus
 
   def _from_scores(self, moments, filtered, specs, is_global, fraction):
     mus, nus = _selection.materialised_moments(moments, filtered)
-    return (mus, nus, *self.select(mus, filtered, specs, is_global, fraction))
+    return (mus, nus, *self.select(mus, filtered, specs, is_global, fraction), mus)
 
   def select(self, scores, filtered, specs, is_global, fraction, previous=None):
     del previous  # every step samples afresh

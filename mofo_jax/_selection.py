@@ -625,12 +625,24 @@ def materialised(fn: Callable[[], list[jax.Array]], never_negative: jax.Array) -
   on XLA:CPU with boolean masks).
 
   ``never_negative`` is a traced scalar that is never negative at run time (a step count, which
-  saturates, or a threshold): it makes the trip count.
+  saturates, or a threshold): it makes the trip count. The body changes one entry of each
+  buffer only (every entry under Explicit mesh axes): a compiler that bills a loop whose trip count it cannot read once (the bytes
+  counts of benchmarks/hlo_bytes.py do) then bills a few bytes, not a pass over every buffer.
   """
   trips = (never_negative < 0).astype(jnp.int32)
 
+  def touch(x):
+    if _sharding.is_explicit(getattr(jax.typeof(x).sharding, "mesh", None)):
+      # Explicit mesh axes do not slice one entry of a sharded axis: change every entry.
+      return ~x if x.dtype == jnp.bool_ else x + 1
+    if not x.size:
+      return x
+    # A constant, not a function of the entry: reading one entry of a sharded buffer would
+    # take a collective, and a program of LocalSelection has none.
+    return x.at[(0,) * x.ndim].set(True if x.dtype == jnp.bool_ else 1)
+
   def body(i, carry):
-    return [~x if x.dtype == jnp.bool_ else x + 1 for x in carry]
+    return [touch(x) for x in carry]
 
   return lax.fori_loop(0, trips, body, fn())
 
@@ -679,7 +691,11 @@ def select_momentum(
 
   Returns:
     Per leaf: the new first moments, the new second moments, the masks (None for dense leaves),
-    the entries kept (``int32[2]`` count limbs) and the thresholds.
+    the entries kept (``int32[2]`` count limbs) and the thresholds. A selection's own
+    ``select_momentum`` may return a sixth list, passed on: the same first moments as
+    expressions the compiler may fuse into the update (the first list then holds buffers that
+    the count read, see :class:`mofo_jax.ApproxSelection`); :func:`mofo_jax.scale_by_mofo`
+    computes the direction from it.
   """
   own = getattr(selection, "select_momentum", None)
   if own is not None:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mofo_jax import _approx
 from mofo_jax import _counts
 from mofo_jax import _local
-from mofo_jax import _pallas_approx
 from mofo_jax import _pallas_selection
 from mofo_jax import _partition
 from mofo_jax import _selection
@@ -236,10 +236,11 @@ class _Step(NamedTuple):
 
 def _by_momentum(moments: _selection.MomentUpdate, adam: _Adam, r: _Ranking) -> _Step:
   """MoFO: rank the new first moment, as the selection computes it (possibly fused)."""
-  mus, nus, masks, kept, thresholds = _selection.select_momentum(
+  mus, nus, masks, kept, thresholds, *fused = _selection.select_momentum(
     r.selection, moments, r.filtered, r.specs, r.is_global, r.fraction, previous=r.previous
   )
-  directions = [adam.direction(m, v) for m, v in zip(mus, nus)]
+  # A sixth list: the same first moments as expressions the update's fusion may compute itself.
+  directions = [adam.direction(m, v) for m, v in zip(fused[0] if fused else mus, nus)]
   return _Step(mus, nus, directions, masks, kept, thresholds)
 
 
@@ -303,12 +304,13 @@ def _apply_masks(directions, masks, leaves) -> list[jax.Array]:
 def resolve_selection(selection: SelectionLike) -> _selection.Selection:
   """The selection object for ``selection=``: ``"exact"``, ``"approx"`` and ``"local"`` are
   shortcuts for ``PallasSelection()`` (``ExactSelection()``'s results, by Pallas kernels where
-  the program is lowered for one TPU and a leaf allows them), ``PallasApproxSelection()``
-  (``ApproxSelection()``'s, likewise) and ``LocalSelection()``."""
+  the program is lowered for one TPU and a leaf allows them), ``ApproxSelection()`` (on TPU
+  its one fused XLA pass moves fewer bytes than ``PallasApproxSelection()``'s kernel, which
+  stays available) and ``LocalSelection()``."""
   if isinstance(selection, str):
     shortcuts = {
       "exact": _pallas_selection.PallasSelection,
-      "approx": _pallas_approx.PallasApproxSelection,
+      "approx": _approx.ApproxSelection,
       "local": _local.LocalSelection,
     }
     if selection in shortcuts:
@@ -379,10 +381,10 @@ def scale_by_mofo(
       ``"exact"`` = :class:`mofo_jax.PallasSelection` ``()``, the k-th largest per block by
       counting as :class:`mofo_jax.ExactSelection` ``()`` does it (with the moments and the
       first count fused into one Pallas kernel pass on one TPU; on sharded leaves this costs small all-reduces of counts; its ``method`` and
-      ``radix_bits`` are set on the object); ``"approx"`` =
-      :class:`mofo_jax.PallasApproxSelection` ``()``, as :class:`mofo_jax.ApproxSelection`
-      ``()`` (with the moments and the count of kept entries in one Pallas kernel pass on one
-      TPU): the k-th largest of a fixed random sample of each block (65536 entries per leaf of
+      ``radix_bits`` are set on the object); ``"approx"`` = :class:`mofo_jax.ApproxSelection`
+      ``()`` (off CPU the moments, the mask and the update in one fused pass, and a re-read of
+      the stored momentum for the count; :class:`mofo_jax.PallasApproxSelection` is its
+      opt-in Pallas kernel): the k-th largest of a fixed random sample of each block (65536 entries per leaf of
       1M entries or more, 1/16 of smaller leaves, at least 4096; at least 1024 per block of a
       split leaf; the whole block if smaller), so no search runs over the parameters, and the
       fraction kept is within 0.01 of the exact selection's (the telemetry reports the entries
