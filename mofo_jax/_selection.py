@@ -36,9 +36,12 @@ from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
-# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 16 MiB of
-# int32 indices per chunk, a few percent of a large leaf, and few enough loop trips.
-_CHUNK_ENTRIES = 1 << 22
+# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 512 KiB of
+# int32 indices (and as many of ones) per chunk. XLA:CPU allocates its temporaries afresh for
+# every call, and glibc serves blocks above 32 MiB from new pages each time: at the `small`
+# preset 4 Mi-entry chunks (42.5 MiB of temporaries) cost 10,900 page faults per step, more
+# than the search's arithmetic. A loop trip costs microseconds.
+_CHUNK_ENTRIES = 1 << 17
 METHODS = ("auto", "count", "histogram")
 Method = Literal["auto", "count", "histogram"]
 
@@ -375,9 +378,12 @@ def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   return shape[0]
 
 
-def _scatter_counts(view, axes, bins, bin_of):
+def _scatter_counts(view, axes, bins, bin_of, token=None):
   """Per-block histogram ``[*block_shape, bins]`` of ``bin_of(keys)``; entries whose bin is
-  ``bins`` or more are dropped.
+  ``bins`` or more are dropped. With ``token`` (a non-negative int32 the last leaf's pass
+  produced), the histogram's zeros are written only once it exists: XLA:CPU otherwise
+  schedules every leaf's zeroed histogram at the start, all alive at once (10 MiB at
+  ``small``, zeroed into fresh pages every step).
 
   XLA:CPU writes the scatter's int32 indices and its ones into buffers of the operand's size:
   a leaf above ``_CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
@@ -402,6 +408,8 @@ def _scatter_counts(view, axes, bins, bin_of):
     )
 
   zeros = jnp.zeros(nblocks * bins, jnp.int32)
+  if token is not None:
+    zeros = zeros + (token >> 31)
   rows = _chunk_rows(view.shape, axes)
   if rows == view.shape[0]:
     hist = add(zeros, view)
@@ -432,8 +440,16 @@ def _resolve_digit(hist, above, k):
     return row * (bins // rows) + col, count, new_above
   at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]
   digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
-  count = jnp.take_along_axis(at_or_above, digit[..., None], axis=-1)[..., 0]
-  return digit, count, count - jnp.take_along_axis(hist, digit[..., None], axis=-1)[..., 0]
+  count = _pick(at_or_above, digit)
+  return digit, count, count - _pick(hist, digit)
+
+
+def _pick(x, index):
+  """``x[..., index]`` by a masked sum, not a gather: XLA fuses a gather into every consumer,
+  so a later leaf's pass would read this leaf's histogram and keep it alive; a reduction's
+  result is a buffer of its own."""
+  hit = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == index[..., None]
+  return jnp.sum(jnp.where(hit, x, 0), axis=-1, dtype=jnp.int32)
 
 
 def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
@@ -475,14 +491,16 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
           keys = after(keys, token)
         return jnp.where((keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
 
-      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of)
+      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of, token)
       if global_block:
         hists.append(hist)
         token = jnp.max(hist)
       else:
-        # Resolved at once, so that the next leaf also waits for this histogram to be freed.
+        # Resolved at once, so that the next leaf also waits for this histogram to be freed:
+        # the token reads both results taken from it (else XLA:CPU takes ``above`` from every
+        # leaf's first histogram only in the second pass, keeping them all alive).
         resolve(i, hist)
-        token = jnp.max(counts[i])
+        token = jnp.maximum(jnp.max(counts[i]), jnp.max(above[i]))
     if global_block:
       total = sum(h.reshape(-1) for h in hists)
       for i, h in zip(todo, hists):
