@@ -47,11 +47,12 @@ from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
-# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 512 KiB of
-# int32 indices (and as many of ones) per chunk. XLA:CPU allocates its temporaries afresh for
-# every call, and glibc serves blocks above 32 MiB from new pages each time: at the `small`
-# preset 4 Mi-entry chunks (42.5 MiB of temporaries) cost 10,900 page faults per step, more
-# than the search's arithmetic. A loop trip costs microseconds.
+# Leaves above 8 times this many entries are histogrammed in chunks of this many (see
+# _scatter_counts): 512 KiB of int32 indices (and as many of ones) per chunk. XLA:CPU
+# allocates its temporaries afresh for every call, and glibc serves blocks above 32 MiB from
+# new pages each time: at the `small` preset 4 Mi-entry chunks (42.5 MiB of temporaries) cost
+# 10,900 page faults per step, more than the search's arithmetic. A loop trip costs
+# microseconds.
 _CHUNK_ENTRIES = 1 << 17
 METHODS = ("auto", "count", "histogram")
 Method = Literal["auto", "count", "histogram"]
@@ -376,11 +377,12 @@ def _block_ids(shape, reduce_axes):
 
 def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   """Rows of the first axis per histogram chunk: the most that divide the axis and keep a chunk
-  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small or its first axis indexes
-  blocks (block ids must not depend on the chunk)."""
+  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small (up to 8 chunks: a loop per
+  leaf and pass costs compile time, and a few MiB of temporaries do not) or its first axis
+  indexes blocks (block ids must not depend on the chunk)."""
   size = math.prod(shape)
   # On several devices a chunk of a sharded axis would be gathered: never chunk there.
-  if size <= _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
+  if size <= 8 * _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
     return shape[0]
   row = size // shape[0]
   for rows in range(max(1, _CHUNK_ENTRIES // row), 0, -1):
@@ -397,7 +399,7 @@ def _scatter_counts(view, axes, bins, bin_of, token=None):
   ``small``, zeroed into fresh pages every step).
 
   XLA:CPU writes the scatter's int32 indices and its ones into buffers of the operand's size:
-  a leaf above ``_CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
+  a leaf above ``8 * _CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
   these temporaries stay a chunk's size whatever the leaf's (two float32 copies of the 1B
   model's embedding otherwise)."""
   nblocks = math.prod(d for i, d in enumerate(view.shape) if i not in axes)
@@ -786,8 +788,8 @@ def put_leaf(
 
 
 def _count_mask(mask: jax.Array) -> _counts.Count:
-  """The True entries of ``mask``. On one CPU device a leaf above ``_CHUNK_ENTRIES`` (and under
-  2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
+  """The True entries of ``mask``. On one CPU device a leaf above ``8 * _CHUNK_ENTRIES`` (and
+  under 2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
   chunk's size; XLA:GPU and XLA:TPU fuse the comparison into the sum and need no chunks."""
   rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
 
