@@ -16,6 +16,17 @@ all 31 bits of the key. Scatter-adds with many collisions are slow on XLA:GPU, s
 count. ``method="auto"`` picks by platform at lowering time (``lax.platform_dependent``), and
 histograms only where the computation can't be sharded (a single device): a sharded histogram
 would all-reduce 256 KiB per block and pass, where counting all-reduces 60 bytes.
+
+Where the time goes on XLA:CPU (``benchmarks/step_time.py --preset small``, 2 cores): with the
+search replaced by a constant threshold the exact step costs 1.06-1.11x adamw's CPU time; the
+rest is the search, two histogram passes of about 0.64 ns per entry each (bin indices 0.15,
+the scatter-add most of the rest), plus a few microseconds per leaf to resolve each histogram.
+The comparison is fused into a reduction only when the reduction has several operands (XLA:CPU
+rewrites a large single-operand sum into a windowed pre-reduction it does not fuse): a
+variadic reduce counts one candidate per entry in about 0.03 ns, so a counting pass of 15
+candidates (4 bits) costs about as much as a histogram pass (15-16 bits). XLA:CPU allocates
+its temporaries afresh for every call, so every temporary page is faulted in again on every
+step: the histograms' temporaries are kept a few chunks' size (see ``_CHUNK_ENTRIES``).
 """
 
 from __future__ import annotations
@@ -36,9 +47,13 @@ from mofo_jax import _sharding
 
 _KEY_BITS = 32
 _HIST_BITS = 16  # 65536 bins per block: two passes cover the 31 bits of a magnitude's key
-# Leaves above this many entries are histogrammed in chunks (see _scatter_counts): 16 MiB of
-# int32 indices per chunk, a few percent of a large leaf, and few enough loop trips.
-_CHUNK_ENTRIES = 1 << 22
+# Leaves above 8 times this many entries are histogrammed in chunks of this many (see
+# _scatter_counts): 512 KiB of int32 indices (and as many of ones) per chunk. XLA:CPU
+# allocates its temporaries afresh for every call, and glibc serves blocks above 32 MiB from
+# new pages each time: at the `small` preset 4 Mi-entry chunks (42.5 MiB of temporaries) cost
+# 10,900 page faults per step, more than the search's arithmetic. A loop trip costs
+# microseconds.
+_CHUNK_ENTRIES = 1 << 17
 METHODS = ("auto", "count", "histogram")
 Method = Literal["auto", "count", "histogram"]
 
@@ -362,11 +377,12 @@ def _block_ids(shape, reduce_axes):
 
 def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   """Rows of the first axis per histogram chunk: the most that divide the axis and keep a chunk
-  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small or its first axis indexes
-  blocks (block ids must not depend on the chunk)."""
+  within ``_CHUNK_ENTRIES``, or all of them where the leaf is small (up to 8 chunks: a loop per
+  leaf and pass costs compile time, and a few MiB of temporaries do not) or its first axis
+  indexes blocks (block ids must not depend on the chunk)."""
   size = math.prod(shape)
   # On several devices a chunk of a sharded axis would be gathered: never chunk there.
-  if size <= _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
+  if size <= 8 * _CHUNK_ENTRIES or 0 not in axes or jax.device_count() > 1:
     return shape[0]
   row = size // shape[0]
   for rows in range(max(1, _CHUNK_ENTRIES // row), 0, -1):
@@ -375,12 +391,15 @@ def _chunk_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
   return shape[0]
 
 
-def _scatter_counts(view, axes, bins, bin_of):
+def _scatter_counts(view, axes, bins, bin_of, token=None):
   """Per-block histogram ``[*block_shape, bins]`` of ``bin_of(keys)``; entries whose bin is
-  ``bins`` or more are dropped.
+  ``bins`` or more are dropped. With ``token`` (a non-negative int32 the last leaf's pass
+  produced), the histogram's zeros are written only once it exists: XLA:CPU otherwise
+  schedules every leaf's zeroed histogram at the start, all alive at once (10 MiB at
+  ``small``, zeroed into fresh pages every step).
 
   XLA:CPU writes the scatter's int32 indices and its ones into buffers of the operand's size:
-  a leaf above ``_CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
+  a leaf above ``8 * _CHUNK_ENTRIES`` entries is histogrammed in chunks of rows by a loop, so that
   these temporaries stay a chunk's size whatever the leaf's (two float32 copies of the 1B
   model's embedding otherwise)."""
   nblocks = math.prod(d for i, d in enumerate(view.shape) if i not in axes)
@@ -402,6 +421,8 @@ def _scatter_counts(view, axes, bins, bin_of):
     )
 
   zeros = jnp.zeros(nblocks * bins, jnp.int32)
+  if token is not None:
+    zeros = zeros + (token >> 31)
   rows = _chunk_rows(view.shape, axes)
   if rows == view.shape[0]:
     hist = add(zeros, view)
@@ -432,8 +453,16 @@ def _resolve_digit(hist, above, k):
     return row * (bins // rows) + col, count, new_above
   at_or_above = above[..., None] + jnp.cumsum(hist[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]
   digit = jnp.sum(at_or_above[..., 1:] >= k, axis=-1, dtype=jnp.int32)
-  count = jnp.take_along_axis(at_or_above, digit[..., None], axis=-1)[..., 0]
-  return digit, count, count - jnp.take_along_axis(hist, digit[..., None], axis=-1)[..., 0]
+  count = _pick(at_or_above, digit)
+  return digit, count, count - _pick(hist, digit)
+
+
+def _pick(x, index):
+  """``x[..., index]`` by a masked sum, not a gather: XLA fuses a gather into every consumer,
+  so a later leaf's pass would read this leaf's histogram and keep it alive; a reduction's
+  result is a buffer of its own."""
+  hit = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == index[..., None]
+  return jnp.sum(jnp.where(hit, x, 0), axis=-1, dtype=jnp.int32)
 
 
 def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
@@ -475,14 +504,16 @@ def _histogram_search(views, reduce_axes, ks, init_counts, global_block):
           keys = after(keys, token)
         return jnp.where((keys >> top) == (p >> top), (keys >> low) & (n - 1), n).astype(jnp.int32)
 
-      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of)
+      hist = _scatter_counts(views[i], reduce_axes[i], n, bin_of, token)
       if global_block:
         hists.append(hist)
         token = jnp.max(hist)
       else:
-        # Resolved at once, so that the next leaf also waits for this histogram to be freed.
+        # Resolved at once, so that the next leaf also waits for this histogram to be freed:
+        # the token reads both results taken from it (else XLA:CPU takes ``above`` from every
+        # leaf's first histogram only in the second pass, keeping them all alive).
         resolve(i, hist)
-        token = jnp.max(counts[i])
+        token = jnp.maximum(jnp.max(counts[i]), jnp.max(above[i]))
     if global_block:
       total = sum(h.reshape(-1) for h in hists)
       for i, h in zip(todo, hists):
@@ -773,8 +804,8 @@ def put_leaf(
 
 
 def _count_mask(mask: jax.Array) -> _counts.Count:
-  """The True entries of ``mask``. On one CPU device a leaf above ``_CHUNK_ENTRIES`` (and under
-  2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
+  """The True entries of ``mask``. On one CPU device a leaf above ``8 * _CHUNK_ENTRIES`` (and
+  under 2**31) is counted in chunks of rows by a loop, so that XLA:CPU's int32 copy of the mask is a
   chunk's size; XLA:GPU and XLA:TPU fuse the comparison into the sum and need no chunks."""
   rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
 
