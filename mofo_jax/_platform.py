@@ -145,12 +145,23 @@ def _lowering(platform, ctx, *args, num_out, others, default, chosen):
     return res
 
   sub = ctx.replace(avals_in=ctx.avals_in[num_out:])
-  return mlir.lower_fun(checked, multiple_results=True)(sub, *args[num_out:])
+  try:
+    return mlir.lower_fun(checked, multiple_results=True)(sub, *args[num_out:])
+  except (jax.errors.UnexpectedTracerError, TypeError) as e:
+    # A traced value of the finished trace: escaped, or taken for a constant.
+    if "Tracer" not in str(e):
+      raise
+    raise ValueError(
+      f"platform_dependent: the {platform or 'default'} branch reads a traced value it closes "
+      "over; pass it in operands."
+    ) from e
 
 
 def _impl(*args, **params):
-  # Outside jit: compiled for the operands' platform, like any primitive.
-  return jax.jit(lambda *xs: _override_p.bind(*xs, **params))(*args)
+  # Outside jit: compiled for the operands' platform, like any primitive (jit kept on under
+  # jax.disable_jit, which would otherwise come back here).
+  with jax.disable_jit(False):
+    return jax.jit(lambda *xs: _override_p.bind(*xs, **params))(*args)
 
 
 def _batching(args, dims, **_):

@@ -67,6 +67,9 @@ def test_eager_pytrees_and_static_leaves():
     default=lambda a: {"y": a[0][0] - a[1]},
   )
   np.testing.assert_array_equal(out["y"], [0, 4, 8])
+  with jax.disable_jit():
+    f, calls = _counted()
+    assert int(f(jnp.int32(7))) == 14
 
 
 def test_mismatched_branches_and_vmap_fail_clearly():
@@ -77,6 +80,11 @@ def test_mismatched_branches_and_vmap_fail_clearly():
     jax.jit(f).trace(jnp.int32(1)).lower(lowering_platforms=("tpu",))
   with pytest.raises(NotImplementedError, match="vmap"):
     jax.vmap(f)(jnp.arange(3))
+  closes = lambda x: _platform.platform_dependent(  # noqa: E731
+    (), cpu=lambda _: x, default=lambda _: x + 1
+  )
+  with pytest.raises(ValueError, match="closes over"):
+    jax.jit(closes).trace(jnp.int32(1)).lower(lowering_platforms=("tpu",))
   with pytest.raises(ValueError, match="platforms"):
     _platform.platform_dependent(1, gpu=lambda x: x, default=lambda x: x)
 
