@@ -7,10 +7,15 @@ and the constants of both (passed into the conditional as operands), are paid on
 Here one branch is traced, inline, for the platform the program will most likely be lowered for
 (:func:`likely_platform`); its results go through a primitive whose lowering passes them on
 unchanged on that platform and, on any other, lowers the other branch there, traced only then
-from the explicit ``operands`` (its HLO replaces the inline results, which XLA then drops as
-dead). A wrong guess costs time, never results. So the guessed branch may close over traced
-values, but every other branch must read traced values only through ``operands``: a traced
-value it closes over escapes its trace and JAX raises ``UnexpectedTracerError`` when it lowers.
+from the explicit ``operands``. So the guessed branch may close over traced values, but every
+other branch must read traced values only through ``operands`` (one that closes over a traced
+value fails to lower, with an error saying so).
+
+A wrong guess costs compile time, never results: both branches are traced, and the guessed
+one's HLO is lowered too and dropped as dead by XLA. Lowering ahead of time for another
+platform (a TPU topology from a CPU host), trace under ``jax.default_device(target_device)``
+or with Explicit mesh axes of the target's devices, as ``benchmarks/step_time.py
+--tpu-topology`` and ``mofo-finetune plan`` do.
 """
 
 from __future__ import annotations
