@@ -19,6 +19,7 @@ every while loop counted (see benchmarks/hlo_bytes.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -322,7 +323,10 @@ def main_compile(args, modes, shapes, device=None) -> dict:
   n, largest = info["params"], info["largest_leaf"]
   results = []
   for m in modes:
-    r, compiled = compile_mode(m, shapes, sharding)
+    # On a TPU topology, its chip as the default device, as on a TPU host: "auto" selections
+    # then trace only the TPU branch (mofo_jax._platform).
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+      r, compiled = compile_mode(m, shapes, sharding)
     if device is not None:
       r.update(hlo_bytes.every_pass(compiled))
       if args.dump_hlo:

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mofo_jax import _partition
+from mofo_jax import _platform
 from mofo_jax import _selection
 from mofo_jax import _sharding
 
@@ -206,14 +207,20 @@ class ApproxSelection:
         f"sample_from={self.sample_from!r} must be one of 'auto', 'inputs', 'scores'."
       )
 
-  def by_platform(self, from_inputs: Callable[[], Any], from_scores: Callable[[], Any]) -> Any:
-    """The result of ``from_inputs()`` or ``from_scores()``, as ``sample_from`` chooses; for
-    ``"auto"`` only the branch of the platform lowered for is compiled."""
+  def by_platform(
+    self, from_inputs: Callable[..., Any], from_scores: Callable[..., Any], args: tuple = ()
+  ) -> Any:
+    """``from_inputs(*args)`` or ``from_scores(*args)``, as ``sample_from`` chooses; for
+    ``"auto"`` only the branch of the platform lowered for is compiled, and only it is traced
+    when that platform is known while tracing (see :mod:`mofo_jax._platform`: both branches
+    must then read traced values only from ``args``)."""
     if self.sample_from == "inputs":
-      return from_inputs()
+      return from_inputs(*args)
     if self.sample_from == "scores":
-      return from_scores()
-    return jax.lax.platform_dependent(cpu=from_scores, default=from_inputs)
+      return from_scores(*args)
+    return _platform.platform_dependent(
+      args, cpu=lambda a: from_scores(*a), default=lambda a: from_inputs(*a)
+    )
 
   def initial_thresholds(self, leaves, filtered, specs):
     return _selection.zero_thresholds(leaves, filtered, specs)
@@ -242,8 +249,9 @@ class ApproxSelection:
     if not any(filtered):
       return self._from_scores(moments, filtered, specs, is_global, fraction)
     return self.by_platform(
-      lambda: self._from_inputs(moments, filtered, specs, is_global, fraction),
-      lambda: self._from_scores(moments, filtered, specs, is_global, fraction),
+      lambda m, f: self._from_inputs(m, filtered, specs, is_global, f),
+      lambda m, f: self._from_scores(m, filtered, specs, is_global, f),
+      (moments, fraction),
     )
 
   def _from_inputs(self, moments, filtered, specs, is_global, fraction):

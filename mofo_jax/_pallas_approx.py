@@ -68,7 +68,7 @@ class PallasApproxSelection:
 
   Attributes:
     kernel: ``"auto"``: the kernels when the program is lowered for TPU
-      (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
+      (:mod:`mofo_jax._platform`), the fallback on every other platform; ``"always"``: the
       kernels wherever they apply (on CPU only with ``interpret``).
     interpret: run the kernels in Pallas's interpreter (tests on CPU).
     tile_entries: entries per VMEM tile (see :func:`mofo_jax._pallas_selection.tiling`).
@@ -109,15 +109,16 @@ class PallasApproxSelection:
       moments, filtered, specs, is_global, self.kernel, self.tile_entries, self.mesh, self.specs
     )
 
-    def fallback():
+    def fallback(moments, fraction, previous):
       return self.fallback.select_momentum(
         moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    def kernels():
+    def kernels(moments, fraction, previous):
       return self._with_kernels(moments, filtered, specs, is_global, fraction, tilings, shards)
 
-    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
+    args = (moments, fraction, previous)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu", args)
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, tilings, shards):
     # The XLA path's samples from its inputs (the thresholds are the same either way).

@@ -530,7 +530,7 @@ class PallasSelection:
 
   Attributes:
     kernel: ``"auto"``: the kernels when the program is lowered for TPU
-      (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
+      (:mod:`mofo_jax._platform`), the fallback on every other platform; ``"always"``: the
       kernels wherever they apply (on CPU only with ``interpret``).
     interpret: run the kernels in Pallas's interpreter (tests on CPU).
     bracket: start each block's search from the last step's threshold (5 counting passes
@@ -577,17 +577,18 @@ class PallasSelection:
     :func:`mofo_jax.select_momentum`), by the kernels for the leaves they take."""
     tilings, shards = self.tilings(moments, filtered, specs, is_global)
 
-    def fallback():
+    def fallback(moments, fraction, previous):
       return _selection.select_momentum(
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
-    def kernels():
+    def kernels(moments, fraction, previous):
       return self._with_kernels(
         moments, filtered, specs, is_global, fraction, previous, tilings, shards
       )
 
-    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu")
+    args = (moments, fraction, previous)
+    return _selection.kernels_or_fallback(self.kernel, any(tilings), kernels, fallback, "tpu", args)
 
   def _with_kernels(self, moments, filtered, specs, is_global, fraction, previous, tilings, shards):
     results = _selection.select_momentum_rest(

@@ -13,7 +13,7 @@ XLA:CPU does not fuse a comparison into the reduction that consumes it: each can
 materialised int32 copy of the scores, which makes counting slow there. On CPU we therefore build
 per-block histograms of 16-bit digits with one scatter-add per leaf and pass: two passes resolve
 all 31 bits of the key. Scatter-adds with many collisions are slow on XLA:GPU, so other backends
-count. ``method="auto"`` picks by platform at lowering time (``lax.platform_dependent``), and
+count. ``method="auto"`` picks by platform (:mod:`mofo_jax._platform`), and
 histograms only where the computation can't be sharded (a single device): a sharded histogram
 would all-reduce 256 KiB per block and pass, where counting all-reduces 60 bytes.
 
@@ -43,6 +43,7 @@ from jax import lax
 
 from mofo_jax import _counts
 from mofo_jax import _partition
+from mofo_jax import _platform
 from mofo_jax import _sharding
 
 _KEY_BITS = 32
@@ -74,7 +75,8 @@ def resolve_method(
     num_devices: devices the computation may span; ``jax.device_count()`` when None.
 
   Returns:
-    ``"count"``, ``"histogram"``, or ``"by_platform"`` (decided by ``lax.platform_dependent``).
+    ``"count"``, ``"histogram"``, or ``"by_platform"`` (decided by
+    :func:`mofo_jax._platform.platform_dependent`).
 
   Example:
     >>> resolve_method("auto", num_devices=1), resolve_method("auto", num_devices=8)
@@ -189,50 +191,49 @@ def select_blocks(
   search = resolve_method(method)
   if max(sizes) >= _counts.INT32_LIMIT:
     search = "count"  # histograms count in int32
-  if search != "count":
+  # Each search reads the traced values only from its argument (views, fraction, previous):
+  # _platform.platform_dependent traces the other one only if lowered for its platform.
+
+  def histogram(ops):
     # Blocks under 2**31 entries: int32 counts, made Counts at the end.
+    v, frac, _ = ops
     init = [
       jnp.full(bs, n, jnp.int32, out_sharding=sh)
       for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
     ]
-    ks = [num_to_select(fraction, n) for n in sizes]
+    ks = [num_to_select(frac, n) for n in sizes]
+    prefixes, counts = _histogram_search(v, reduce_axes, ks, init, global_block)
+    return prefixes, [_counts.split(c) for c in counts]
 
-    def histogram(v):
-      prefixes, counts = _histogram_search(v, reduce_axes, ks, init, global_block)
-      return prefixes, [_counts.split(c) for c in counts]
+  bits = -(-bracket_bits // radix_bits) * radix_bits
 
-  if search == "count" or search == "by_platform":
+  def count(ops):
+    v, frac, prev_thresholds = ops
     wide_init = [
       _counts.constant(n, bs, sh) for bs, n, sh in zip(block_shapes, sizes, carry_shardings)
     ]
-    wide_ks = [_counts.num_to_select(fraction, n) for n in sizes]
+    wide_ks = [_counts.num_to_select(frac, n) for n in sizes]
+    if prev_thresholds is None or not 0 < bits < _KEY_BITS:
+      return _count_search(v, reduce_axes, wide_ks, wide_init, global_block, radix_bits=radix_bits)
+    prev = [jnp.reshape(p, c.hi.shape) for p, c in zip(prev_thresholds, wide_init)]
+    return _bracketed_count_search(
+      v,
+      reduce_axes,
+      wide_ks,
+      wide_init,
+      global_block,
+      prev,
+      radix_bits=radix_bits,
+      bracket_bits=bits,
+    )
 
-    bits = -(-bracket_bits // radix_bits) * radix_bits
-
-    def count(v):
-      if previous is None or not 0 < bits < _KEY_BITS:
-        return _count_search(
-          v, reduce_axes, wide_ks, wide_init, global_block, radix_bits=radix_bits
-        )
-      prev = [jnp.reshape(p, c.hi.shape) for p, c in zip(previous, wide_init)]
-      return _bracketed_count_search(
-        v,
-        reduce_axes,
-        wide_ks,
-        wide_init,
-        global_block,
-        prev,
-        radix_bits=radix_bits,
-        bracket_bits=bits,
-      )
-
+  ops = (views, fraction, None if previous is None else list(previous))
   if search == "count":
-    prefixes, counts = count(views)
+    prefixes, counts = count(ops)
   elif search == "histogram":
-    prefixes, counts = histogram(views)
+    prefixes, counts = histogram(ops)
   else:
-    # Only the branch of the platform compiled for is lowered.
-    prefixes, counts = lax.platform_dependent(views, cpu=histogram, default=count)
+    prefixes, counts = _platform.platform_dependent(ops, cpu=histogram, default=count)
   return [BlockSelection(keys_to_threshold(p), c) for p, c in zip(prefixes, counts)]
 
 
@@ -774,17 +775,22 @@ def select_momentum_rest(
 def kernels_or_fallback(
   kernel: str,
   any_taken: bool,
-  kernels: Callable[[], Any],
-  fallback: Callable[[], Any],
+  kernels: Callable[..., Any],
+  fallback: Callable[..., Any],
   platform: str,
+  args: tuple,
 ) -> Any:
-  """A kernel selection's dispatch: ``fallback()`` when no leaf is taken, ``kernels()`` under
-  ``kernel="always"``, else whichever ``lax.platform_dependent`` lowers for ``platform``."""
+  """A kernel selection's dispatch: ``fallback(*args)`` when no leaf is taken, ``kernels(*args)``
+  under ``kernel="always"``, else the one for the platform lowered for, only that one traced
+  when the platform is known while tracing (:func:`mofo_jax._platform.platform_dependent`):
+  both must read traced values only from ``args``, e.g. ``(moments, fraction, previous)``."""
   if not any_taken:
-    return fallback()
+    return fallback(*args)
   if kernel == "always":
-    return kernels()
-  return lax.platform_dependent(**{platform: kernels}, default=fallback)
+    return kernels(*args)
+  return _platform.platform_dependent(
+    args, **{platform: lambda a: kernels(*a)}, default=lambda a: fallback(*a)
+  )
 
 
 def put_leaf(
@@ -809,20 +815,20 @@ def _count_mask(mask: jax.Array) -> _counts.Count:
   chunk's size; XLA:GPU and XLA:TPU fuse the comparison into the sum and need no chunks."""
   rows = _chunk_rows(mask.shape, tuple(range(mask.ndim))) if mask.ndim else 0
 
-  def whole():
+  def whole(mask):
     return _counts.count_true(mask, tuple(range(mask.ndim)), keepdims=False)
 
   if not mask.ndim or rows == mask.shape[0] or mask.size >= _counts.INT32_LIMIT:
-    return whole()
+    return whole(mask)
 
-  def add(c, total):
-    part = lax.dynamic_slice_in_dim(mask, c * rows, rows, axis=0)
-    return total + jnp.sum(part, dtype=jnp.int32)
+  def chunks(mask):
+    def add(c, total):
+      part = lax.dynamic_slice_in_dim(mask, c * rows, rows, axis=0)
+      return total + jnp.sum(part, dtype=jnp.int32)
 
-  def chunks():
     return _counts.split(lax.fori_loop(0, mask.shape[0] // rows, add, jnp.int32(0)))
 
-  return lax.platform_dependent(cpu=chunks, default=whole)
+  return _platform.platform_dependent(mask, cpu=chunks, default=whole)
 
 
 def masks_from_thresholds(

@@ -137,7 +137,7 @@ class TritonSelection:
 
   Attributes:
     kernel: ``"auto"``: the kernel when the program is lowered for CUDA on one device
-      (``lax.platform_dependent``), the fallback on every other platform; ``"always"``: the
+      (:mod:`mofo_jax._platform`), the fallback on every other platform; ``"always"``: the
       kernel wherever it applies (on CPU only with ``interpret``).
     interpret: run the kernel in Pallas's interpreter (tests on CPU).
     tile_entries: entries per Triton program, a power of two.
@@ -183,14 +183,14 @@ class TritonSelection:
     :func:`mofo_jax.select_momentum`), by the kernel for the leaves it takes."""
     tiles = self.tiles(moments, filtered, specs, is_global)
 
-    def fallback():
+    def fallback(moments, fraction, previous):
       return _selection.select_momentum(
         self.fallback, moments, filtered, specs, is_global, fraction, previous=previous
       )
 
     take = [t is not None for t in tiles]
 
-    def kernels():
+    def kernels(moments, fraction, previous):
       results = _selection.select_momentum_rest(
         self.fallback, moments, filtered, specs, is_global, fraction, previous, take
       )
@@ -209,4 +209,5 @@ class TritonSelection:
         _selection.put_leaf(results, i, specs[i], m, v, tau, count)
       return tuple(results)
 
-    return _selection.kernels_or_fallback(self.kernel, any(take), kernels, fallback, "cuda")
+    args = (moments, fraction, previous)
+    return _selection.kernels_or_fallback(self.kernel, any(take), kernels, fallback, "cuda", args)

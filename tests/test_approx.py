@@ -118,8 +118,15 @@ def test_sample_from_auto_lowers_the_scores_branch_for_cpu_and_inputs_elsewhere(
   sel = mofo_jax.ApproxSelection()
   pick = jax.jit(lambda: sel.by_platform(lambda: jnp.int32(1101), lambda: jnp.int32(2202)))
   assert int(pick()) == 2202
-  for platform in ("tpu", "cuda"):
+  for platform, device in (("tpu", "tpu"), ("cuda", "gpu")):
+    # Traced for CPU (the default backend), lowered elsewhere: that platform's branch is
+    # traced while lowering and its result returned.
     text = pick.trace().lower(lowering_platforms=(platform,)).as_text()
+    assert "1101" in text, platform
+    # Traced where the default device is that platform: only its branch is traced.
+    with jax.default_device(device):
+      traced = pick.trace()
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
     assert "1101" in text and "2202" not in text, platform
 
 

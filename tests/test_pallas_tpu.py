@@ -111,6 +111,50 @@ def test_vmem_limit_is_what_refuses_larger_tiles():
     _compile("v6e:1x1", (8192, 2048), mofo_jax.BlockSpec(), tile_entries=1 << 20)
 
 
+@pytest.mark.parametrize("approx", [False, True])
+@pytest.mark.parametrize("on_tpu", [True, False])
+def test_auto_traces_only_the_kernel_branch_for_tpu(monkeypatch, approx, on_tpu):
+  """The optimizer step under "auto", compiled for one v6e chip: with the chip as the default
+  device (as on a TPU host) only the kernel branch is traced; traced on the CPU host, the XLA
+  fallback is traced and the kernel branch is traced while lowering. Both compile the kernels."""
+  traced = []
+  real = _selection.kernels_or_fallback
+
+  def spy(kernel, any_taken, kernels, fallback, platform, args):
+    def count(name, branch):
+      return lambda *a: traced.append(name) or branch(*a)
+
+    return real(
+      kernel, any_taken, count("kernels", kernels), count("fallback", fallback), platform, args
+    )
+
+  monkeypatch.setattr(_selection, "kernels_or_fallback", spy)
+  # One device, as on one chip (the tests' 8 CPU devices would make an unsharded leaf ambiguous).
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  chip = _device("v6e:1x1")
+  sharding = jax.sharding.SingleDeviceSharding(chip)
+  params = {
+    "w": jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=sharding),
+    "b": jax.ShapeDtypeStruct((512,), jnp.float32, sharding=sharding),
+  }
+  selection = mofo_jax.PallasApproxSelection() if approx else mofo_jax.PallasSelection()
+  opt = mofo_jax.mofo(1e-3, 0.1, selection=selection)
+  state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    jax.eval_shape(opt.init, params),
+  )
+  step = jax.jit(opt.update)
+  if on_tpu:
+    with jax.default_device(chip):
+      lowered = step.trace(params, state, params).lower()
+    assert traced == ["kernels"]
+  else:
+    lowered = step.trace(params, state, params).lower()
+    assert traced == ["fallback", "kernels"]
+  text = lowered.compile().as_text()
+  assert 'custom_call_target="tpu_custom_call"' in text
+
+
 def _mesh(topology, bounds):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -116,8 +116,10 @@ def compile_step(
   result = PlanResult(optimizer_name, _per_device_bytes(params), _per_device_bytes(opt_state))
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(params, opt_state, step.abstract_batch(batch, seq_len, batch_sharding))
-    compiled = compiled.compile()
+    # The mesh's platform as the default device: "auto" selections trace only its branch.
+    with jax.default_device(mesh.devices.flat[0]):
+      traced = jitted.trace(params, opt_state, step.abstract_batch(batch, seq_len, batch_sharding))
+    compiled = traced.lower().compile()
   except Exception as e:  # the TPU compiler's refusal is an XlaRuntimeError
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg and "exceeds" not in msg:
