@@ -185,31 +185,26 @@ class Digits:
 # Bins per packed accumulator word: one byte each, so a word sums at most 255 entries per bin.
 _FIELDS = 4
 _FIELD_LIMIT = 255
-# Strips a loop trip takes, over the leaves of a group. For one f32[8192, 2048] leaf (v6e,
-# libtpu's static schedule) 64 a trip: fused pass 369k cycles, count 117k; for a group of 16
-# f32[2048, 2048] leaves (4 strips a trip) 2.45M and 1.61M, where 16 a trip gave 1.77M and
-# 0.62M but compiled in 5.0 s, not 2.5 s (the compare loop before this: 14.2M, 12.0M, 1.7 s).
-_UNROLL = 64
+# Strips a loop trip takes: whole rows of the tile (static lane offsets), about 16 strips. For
+# one f32[8192, 2048] leaf (v6e, libtpu's static schedule) 16 a trip: fused pass 280k cycles,
+# count 121k (64 a trip: 369k, 117k); for a group of 16 f32[2048, 2048] leaves 16 a trip:
+# 1.77M and 0.62M (4 a trip: 2.45M, 1.61M; the compare loop before this: 14.2M, 12.0M).
+_UNROLL = 16
 
 
-def _strips(t: Tiling, itemsize: int, group: int) -> tuple[int, int, int, int, int]:
+def _strips(t: Tiling, itemsize: int) -> tuple[int, int, int, int, int]:
   """The tile as strips of one vreg that a loop takes a few at a time (the accumulators stay in
   registers): ``(strip rows, strip cols, strips per tile row, tile rows per chunk, strips per
   trip)``. A chunk's strips fit the byte fields (<= 255 entries per bin and position) before
-  they are unpacked. A trip takes a divisor of a row's strips or whole rows, about
-  ``_UNROLL / group`` strips: enough to interleave their ops, few enough that a group's kernel
-  (one loop per leaf) stays small to compile."""
+  they are unpacked. A trip takes whole rows, about ``_UNROLL`` strips: enough to interleave
+  their ops, few enough to stay in registers."""
   # A vreg holds 8 rows of float32, 16 of bfloat16.
   rows = _SUBLANES * (4 // itemsize)
   rows = rows if t.tile_rows % rows == 0 else t.tile_rows
   cols = _LANES if t.tile_cols % _LANES == 0 else t.tile_cols
   across = t.tile_cols // cols
   chunk = _largest_divisor(t.tile_rows // rows, 1, _FIELD_LIMIT // across)
-  target = max(1, _UNROLL // group)
-  if target >= across:
-    per_trip = across * _largest_divisor(chunk, 1, target // across)
-  else:
-    per_trip = _largest_divisor(across, 1, target)
+  per_trip = across * _largest_divisor(chunk, 1, max(1, _UNROLL // across))
   return rows, cols, across, chunk, per_trip
 
 
@@ -229,19 +224,15 @@ def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, o
   stride = 1 + group * t.num_blocks
   shifts = [digits_ref[r * stride] for r in range(len(runs))]
   bases = [digits_ref[r * stride + 1 + where] for r in range(len(runs))]
-  rows, cols, across, chunk, per_trip = _strips(t, m_ref.dtype.itemsize, group)
+  rows, cols, across, chunk, per_trip = _strips(t, m_ref.dtype.itemsize)
   shape = (rows, cols)
 
-  def add_strips(first, words):
-    # Strips first, first + 1, ...: one scalar address per trip, static offsets after it.
-    r = lax.div(first, jnp.int32(across)) * rows
-    # Trips of whole rows start at column 0: static lane offsets load faster.
-    c = 0 if per_trip % across == 0 else lax.rem(first, jnp.int32(across)) * cols
+  def add_rows(first, words):
+    # Rows first, first + 1, ... of strips: one scalar address per trip, static offsets after.
+    r = pl.multiple_of(first * rows, rows)
     for u in range(per_trip):
       du, cu = divmod(u, across)
-      row = pl.multiple_of(r + du * rows, rows)
-      col = pl.multiple_of(c + cu * cols, cols)
-      keys = _keys(m_ref[pl.ds(row, rows), pl.ds(col, cols)])
+      keys = _keys(m_ref[pl.ds(r + du * rows, rows), pl.ds(cu * cols, cols)])
       out = []
       for run, shift, base, acc in zip(runs, shifts, bases, words):
         lo = run.first - 1
@@ -257,7 +248,8 @@ def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, o
   def add_chunk(i, bins):
     zeros = tuple(tuple(jnp.zeros(shape, jnp.int32) for _ in range(r.words)) for r in runs)
     trips = chunk * across // per_trip
-    words = lax.fori_loop(0, trips, lambda j, w: add_strips((i * trips + j) * per_trip, w), zeros)
+    step = per_trip // across
+    words = lax.fori_loop(0, trips, lambda j, w: add_rows((i * trips + j) * step, w), zeros)
     out = []
     for run_bins, run_words in zip(bins, words):
       fields = [(w >> (8 * f)) & _FIELD_LIMIT for w in run_words for f in range(_FIELDS)]
