@@ -227,22 +227,27 @@ def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, o
   rows, cols, across, chunk, per_trip = _strips(t, m_ref.dtype.itemsize)
   shape = (rows, cols)
 
+  @jax.jit
+  def add_strip(keys, shifts, bases, words):
+    # Traced once per kernel and strip shape, not once per strip.
+    out = []
+    for run, shift, base, acc in zip(runs, shifts, bases, words):
+      lo = run.first - 1
+      # Keys and bases are under 2**31: the difference does not overflow. Keys below the
+      # first candidate land in bin 0 or below (e < 0: in no word), which no count adds.
+      e = jnp.minimum(jnp.right_shift(keys - base, shift), lo + run.num) - lo
+      one = jnp.left_shift(jnp.int32(1), (e & (_FIELDS - 1)) << 3)
+      word = e >> 2
+      out.append(tuple(a + jnp.where(word == w, one, 0) for w, a in enumerate(acc)))
+    return tuple(out)
+
   def add_rows(first, words):
     # Rows first, first + 1, ... of strips: one scalar address per trip, static offsets after.
     r = pl.multiple_of(first * rows, rows)
     for u in range(per_trip):
       du, cu = divmod(u, across)
       keys = _keys(m_ref[pl.ds(r + du * rows, rows), pl.ds(cu * cols, cols)])
-      out = []
-      for run, shift, base, acc in zip(runs, shifts, bases, words):
-        lo = run.first - 1
-        # Keys and bases are under 2**31: the difference does not overflow. Keys below the
-        # first candidate land in bin 0 or below (e < 0: in no word), which no count adds.
-        e = jnp.minimum(jnp.right_shift(keys - base, shift), lo + run.num) - lo
-        one = jnp.left_shift(jnp.int32(1), (e & (_FIELDS - 1)) << 3)
-        word = e >> 2
-        out.append(tuple(a + jnp.where(word == w, one, 0) for w, a in enumerate(acc)))
-      words = tuple(out)
+      words = add_strip(keys, shifts, bases, words)
     return words
 
   def add_chunk(i, bins):
