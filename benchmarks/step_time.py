@@ -51,7 +51,7 @@ EXTRA_SELECTIONS = {
   "count": mofo_jax.ExactSelection(method="count"),
   "count-full": mofo_jax.ExactSelection(method="count", bracket_bits=0),
   # The Pallas TPU kernels where a leaf allows them ("auto": only when lowered for TPU), the
-  # exact XLA path elsewhere; "kernel-full" without the bracket (7 counting passes, not 5).
+  # exact XLA path elsewhere; "kernel-full" without the bracket (7 counting passes, not 4).
   # "exact" is mofo_jax.PallasSelection(): on TPU the same program as "kernel"; this is the XLA
   # path it falls back to.
   "exact-xla": mofo_jax.ExactSelection(),

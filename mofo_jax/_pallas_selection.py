@@ -3,15 +3,21 @@
 The XLA path computes the new first moment into a buffer and then searches its threshold in
 passes that XLA:TPU cannot fuse with the Adam pass. Here one kernel reads g, m, v, writes the
 new m and v, and in the same pass counts, per block, the entries whose key (the bits of |m| as
-an integer, see :func:`mofo_jax._selection.score_keys`) reach each of a few candidates: the 16
-values of the key's top 4 bits and both ends of a bracket around the last step's threshold.
-Narrow counting kernels then re-read only the new m, 4 bits of the threshold per pass: 5 passes
-when every block's threshold stayed in its bracket of ``2**20`` keys, else 7 (a loop around one
-counting kernel in each branch). The threshold is
-the k-th largest key of each block however it is searched, and the counts are of the same keys,
-so thresholds, counts and masks equal the XLA path's bit for bit; the mask is compared by XLA
-on the kernel's m buffer and fused into the masked update there (with the direction and, in a
-jitted step, ``apply_updates``: one pass reading m, v and p).
+an integer, see :func:`mofo_jax._selection.score_keys`) reach each of a few candidates: the 15
+non-zero values of the key's top 4 bits and, around the last step's threshold, both ends of a
+bracket of ``2**20`` keys and the 15 candidates that split it in 16. Narrow counting kernels
+then re-read only the new m, 4 bits of the threshold per pass: 4 passes when every block's
+threshold stayed in its bracket, else 7 (a loop around one counting kernel in each branch).
+The threshold is the k-th largest key of each block however it is searched, and the counts
+are of the same keys, so thresholds, counts and masks equal the XLA path's bit for bit; the
+mask is compared by XLA on the kernel's m buffer and fused into the masked update there (with
+the direction and, in a jitted step, ``apply_updates``: one pass reading m, v and p).
+
+The counts of a run of candidates ``base + d << shift`` come from one histogram of the digit
+``d`` of each key, summed in bytes packed four to an int32 (:func:`_histogram_into`): about 23
+vector ops per vreg of keys for 15 candidates, where a compare, a select and an add per
+candidate cost 45. The counting passes are bound by the vector unit, not by HBM, on v6e (the
+compiler's static schedule of the kernels), so these ops, not the bytes, set their time.
 
 Leaves of one 2-D view and dtypes (the 32 query/output projections of a 16-layer model, say)
 share their kernels: one call takes up to ``MAX_GROUP`` of them as separate operands, each in
@@ -161,6 +167,129 @@ def _count_into(keys, cands_ref, leaf: int, t: Tiling, num_cands: int, out_ref):
   out_ref[leaf] = acc.astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Digits:
+  """A run of ``num`` candidates, ``base + (first + i) << shift`` for ``i < num``, counted by
+  one histogram of the keys' digit ``(key - base) >> shift`` (see :func:`_histogram_into`).
+  ``base`` (per block) and ``shift`` are traced, ``first`` (0 or 1) and ``num`` static."""
+
+  first: int
+  num: int
+
+  @property
+  def words(self) -> int:
+    """Packed int32 accumulators: ``num + 1`` bins (one below the first candidate), 4 each."""
+    return -(-(self.num + 1) // _FIELDS)
+
+
+# Bins per packed accumulator word: one byte each, so a word sums at most 255 entries per bin.
+_FIELDS = 4
+_FIELD_LIMIT = 255
+# Strips a loop trip takes: whole rows of the tile (static lane offsets), about 16 strips. For
+# one f32[8192, 2048] leaf (v6e, libtpu's static schedule) 16 a trip: fused pass 280k cycles,
+# count 121k (64 a trip: 369k, 117k); for a group of 16 f32[2048, 2048] leaves 16 a trip:
+# 1.77M and 0.62M (4 a trip: 2.45M, 1.61M; the compare loop before this: 14.2M, 12.0M).
+_UNROLL = 16
+
+
+def _strips(t: Tiling, itemsize: int) -> tuple[int, int, int, int, int]:
+  """The tile as strips of one vreg that a loop takes a few at a time (the accumulators stay in
+  registers): ``(strip rows, strip cols, strips per tile row, tile rows per chunk, strips per
+  trip)``. A chunk's strips fit the byte fields (<= 255 entries per bin and position) before
+  they are unpacked. A trip takes whole rows, about ``_UNROLL`` strips: enough to interleave
+  their ops, few enough to stay in registers."""
+  # A vreg holds 8 rows of float32, 16 of bfloat16.
+  rows = _SUBLANES * (4 // itemsize)
+  rows = rows if t.tile_rows % rows == 0 else t.tile_rows
+  cols = _LANES if t.tile_cols % _LANES == 0 else t.tile_cols
+  across = t.tile_cols // cols
+  chunk = _largest_divisor(t.tile_rows // rows, 1, _FIELD_LIMIT // across)
+  per_trip = across * _largest_divisor(chunk, 1, max(1, _UNROLL // across))
+  return rows, cols, across, chunk, per_trip
+
+
+def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, out_ref):
+  """Writes, for the tile's block of leaf ``leaf`` of the group, how many keys of the tile in
+  ``m_ref`` reach each candidate of the ``runs`` of :class:`Digits` (their candidates one
+  after another in the lanes) into ``out_ref[leaf]``, an ``[8, 128]`` tile.
+
+  Each key falls in one bin of each run (below the first candidate, between two, at or above
+  the last); a bin's entries are summed as one byte of a packed int32 word, four bins a word,
+  so a run of 15 candidates costs about 23 vector ops per vreg of keys where comparing with
+  each costs 45 (a compare, a select and an add per candidate). ``digits_ref`` holds per run
+  its shift and then the base of each block, leaf-major (``1 + group * num_blocks`` values).
+  Bin sums run in float32: exact for tiles under 2**24 entries."""
+  block = lax.div(pl.program_id(0), jnp.int32(t.block_rows // t.tile_rows))
+  where = leaf * t.num_blocks + block
+  stride = 1 + group * t.num_blocks
+  shifts = [digits_ref[r * stride] for r in range(len(runs))]
+  bases = [digits_ref[r * stride + 1 + where] for r in range(len(runs))]
+  rows, cols, across, chunk, per_trip = _strips(t, m_ref.dtype.itemsize)
+  shape = (rows, cols)
+
+  @jax.jit
+  def add_strip(keys, shifts, bases, words):
+    # Traced once per kernel and strip shape, not once per strip.
+    out = []
+    for run, shift, base, acc in zip(runs, shifts, bases, words):
+      lo = run.first - 1
+      # Keys and bases are under 2**31: the difference does not overflow. Keys below the
+      # first candidate land in bin 0 or below (e < 0: in no word), which no count adds.
+      e = jnp.minimum(jnp.right_shift(keys - base, shift), lo + run.num) - lo
+      one = jnp.left_shift(jnp.int32(1), (e & (_FIELDS - 1)) << 3)
+      word = e >> 2
+      out.append(tuple(a + jnp.where(word == w, one, 0) for w, a in enumerate(acc)))
+    return tuple(out)
+
+  def add_rows(first, words):
+    # Rows first, first + 1, ... of strips: one scalar address per trip, static offsets after.
+    r = pl.multiple_of(first * rows, rows)
+    for u in range(per_trip):
+      du, cu = divmod(u, across)
+      keys = _keys(m_ref[pl.ds(r + du * rows, rows), pl.ds(cu * cols, cols)])
+      words = add_strip(keys, shifts, bases, words)
+    return words
+
+  def add_chunk(i, bins):
+    zeros = tuple(tuple(jnp.zeros(shape, jnp.int32) for _ in range(r.words)) for r in runs)
+    trips = chunk * across // per_trip
+    step = per_trip // across
+    words = lax.fori_loop(0, trips, lambda j, w: add_rows((i * trips + j) * step, w), zeros)
+    out = []
+    for run_bins, run_words in zip(bins, words):
+      fields = [(w >> (8 * f)) & _FIELD_LIMIT for w in run_words for f in range(_FIELDS)]
+      out.append(tuple(b + f.astype(jnp.float32) for b, f in zip(run_bins, fields)))
+    return tuple(out)
+
+  zeros = tuple(tuple(jnp.zeros(shape, jnp.float32) for _ in range(4 * r.words)) for r in runs)
+  bins = lax.fori_loop(0, t.tile_rows // rows // chunk, add_chunk, zeros)
+  lane = lax.broadcasted_iota(jnp.int32, (_SUBLANES, _LANES), 1)
+  acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
+  first_lane = 0
+  for run, run_bins in zip(runs, bins):
+    # The count at candidate i is the sum of the bins above it (bin 0 is below them all).
+    above = jnp.zeros((1, 1), jnp.float32)
+    for i in range(run.num, 0, -1):
+      above = above + jnp.sum(jnp.sum(run_bins[i], axis=0, keepdims=True), axis=1, keepdims=True)
+      acc = jnp.where(lane == first_lane + i - 1, above, acc)
+    first_lane += run.num
+  out_ref[leaf] = acc.astype(jnp.int32)
+
+
+def _keys(m: jax.Array) -> jax.Array:
+  """The keys of ``|m|`` (31 bits) as non-negative int32."""
+  return lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32) & jnp.int32(2**31 - 1)
+
+
+def digits_operand(runs_values) -> jax.Array:
+  """The scalar operand of :func:`_histogram_into`: per run ``(shift, bases)``, ``bases`` the
+  uint32 ``[group * num_blocks]`` (below ``2**31``) leaf-major."""
+  parts = []
+  for shift, bases in runs_values:
+    parts += [jnp.asarray(shift, jnp.int32).reshape(1), bases.astype(jnp.int32).reshape(-1)]
+  return jnp.concatenate(parts)
+
+
 def _grid_spec(t: Tiling, group: int, num_inputs: int, num_outputs: int):
   """``num_inputs`` then ``num_outputs`` tiled operands per leaf of the group, and the counts:
   every grid step takes the same tile of every leaf."""
@@ -184,11 +313,22 @@ def _params() -> pltpu.CompilerParams:
 
 
 def fused_moments(
-  gs, mus, nus, cands, t: Tiling, first_moment, second_moment, *, interpret: bool = False
+  gs,
+  mus,
+  nus,
+  cands,
+  t: Tiling,
+  first_moment,
+  second_moment,
+  *,
+  interpret: bool = False,
+  runs: tuple[Digits, ...] | None = None,
 ):
   """One pass over the 2-D ``gs, mus, nus`` of a group of leaves (lists, one tiling ``t``): the
   new moments and, per tile, the count of the new ``|m|``'s keys at each of the ``cands``
-  (``int32[len(gs) * num_blocks * num_cands]``, leaf-major, signed as :func:`_signed`).
+  (``int32[len(gs) * num_blocks * num_cands]``, leaf-major, signed as :func:`_signed`), or,
+  with ``runs``, at the candidates of these runs of digits (``cands`` then their
+  :func:`digits_operand`).
 
   Returns:
     The new m per leaf (mu's dtype), the new v per leaf (nu's dtype) and the counts,
@@ -206,7 +346,11 @@ def fused_moments(
       m = first_moment(g, mu_refs[leaf][...])
       m_refs[leaf][...] = m
       v_refs[leaf][...] = second_moment(g, nu_refs[leaf][...])
-      _count_into(_signed_keys(m), cands_ref, leaf, t, num_cands, out_ref)
+      if runs is None:
+        _count_into(_signed_keys(m), cands_ref, leaf, t, num_cands, out_ref)
+      else:
+        # Read back from the output tile, a strip at a time (see _histogram_into).
+        _histogram_into(m_refs[leaf], cands_ref, leaf, n, t, runs, out_ref)
 
   outs = pl.pallas_call(
     kernel,
@@ -226,15 +370,15 @@ def fused_moments(
   return list(outs[:n]), list(outs[n : 2 * n]), outs[2 * n]
 
 
-def count_keys(ms, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
-  """One read of the 2-D ``ms`` of a group: per tile, the count of its keys at each of
-  ``cands`` (as :func:`fused_moments` returns them)."""
+def count_keys(ms, digits, t: Tiling, runs: tuple[Digits, ...], *, interpret: bool = False):
+  """One read of the 2-D ``ms`` of a group: per tile, the count of its keys at each candidate
+  of the ``runs`` (``digits``: their :func:`digits_operand`; counts as :func:`fused_moments`
+  returns them)."""
   n = len(ms)
-  num_cands = cands.size // (n * t.num_blocks)
 
-  def kernel(cands_ref, *refs):
+  def kernel(digits_ref, *refs):
     for leaf in range(n):
-      _count_into(_signed_keys(refs[leaf][...]), cands_ref, leaf, t, num_cands, refs[n])
+      _histogram_into(refs[leaf], digits_ref, leaf, n, t, runs, refs[n])
 
   (out,) = pl.pallas_call(
     kernel,
@@ -243,7 +387,7 @@ def count_keys(ms, cands, t: Tiling, *, interpret: bool = False) -> jax.Array:
     compiler_params=_params(),
     interpret=interpret,
     name="mofo_count_keys",
-  )(cands, *ms)
+  )(digits, *ms)
   return out
 
 
@@ -287,12 +431,6 @@ def _digit(counts: _counts.Count, k: _counts.Count) -> tuple[jax.Array, _counts.
   return digit, at
 
 
-def _candidates(base: jax.Array, shift, bits: int) -> jax.Array:
-  """``[num_blocks, 2**bits - 1]`` uint32: ``base + d << shift`` for every non-zero digit d."""
-  digits = jnp.arange(1, 1 << bits, dtype=jnp.uint32) << shift
-  return base[:, None] + digits
-
-
 def _resolve(prefix, count, cands_counts, k, shift):
   digit, at = _digit(cands_counts, k)
   found = digit > 0
@@ -313,18 +451,26 @@ def _search(ms, t: Tiling, k, base, count, top_shift: int, interpret, psum_axes=
     shift = jnp.uint32(top_shift) - jnp.minimum(
       jnp.uint32(RADIX_BITS) * i.astype(jnp.uint32), jnp.uint32(top_shift)
     )
-    cands = _candidates(prefix, shift, RADIX_BITS)
-    tiles = count_keys(ms, _signed(cands).reshape(-1), t, interpret=interpret)
-    counts = block_counts(tiles, t, cands.shape[1], psum_axes)
+    digits = digits_operand([(shift, prefix)])
+    tiles = count_keys(ms, digits, t, (_DIGIT,), interpret=interpret)
+    counts = block_counts(tiles, t, _DIGIT.num, psum_axes)
     return _resolve(prefix, count, counts, k, shift)
 
   return lax.fori_loop(0, trips, trip, (base, count))
 
 
-# The digits after the fused pass: it fixes bits 30-27 of the key, the loop the other 27 from
-# shift 23 (7 trips); in a bracket, the 20 bits above its lower end from shift 16 (5 trips).
-_FULL_SHIFT = KEY_BITS - 2 * RADIX_BITS
-_BRACKET_SHIFT = BRACKET_BITS - RADIX_BITS
+# A digit of RADIX_BITS: its non-zero values above a prefix.
+_DIGIT = Digits(first=1, num=(1 << RADIX_BITS) - 1)
+# The fused pass counts the top digit (bits 30-27 of the key) and, with a bracket of
+# 2**BRACKET_BITS keys from its lower end, both its ends and the 15 candidates between them
+# that fix the bracket's top digit (bits 19-16 above the end): 32 candidates, in two runs.
+_TOP_SHIFT = KEY_BITS - RADIX_BITS
+_SUB_SHIFT = BRACKET_BITS - RADIX_BITS
+_BRACKET = Digits(first=0, num=(1 << RADIX_BITS) + 1)
+# The digits after the fused pass: the loop fixes the other 27 bits of the key from shift 23
+# (7 trips); in a bracket, the 16 bits below its top digit from shift 12 (4 trips).
+_FULL_SHIFT = _TOP_SHIFT - RADIX_BITS
+_BRACKET_SHIFT = _SUB_SHIFT - RADIX_BITS
 
 
 def select_group(
@@ -366,29 +512,28 @@ def select_group(
   k = _counts.Count(*(jnp.broadcast_to(a, (nb,)) for a in k))
   zeros = jnp.zeros((nb,), jnp.uint32)
   all_count = _counts.constant(n, (nb,))
-  top = _candidates(zeros, KEY_BITS - RADIX_BITS, RADIX_BITS)
+  runs = [(_DIGIT, _TOP_SHIFT, zeros)]
   if previous is not None:
     half = jnp.uint32(1 << (BRACKET_BITS - 1))
     prev = jnp.concatenate([p.reshape(-1) for p in previous])
     pk = lax.bitcast_convert_type(prev.astype(jnp.float32), jnp.uint32)
-    lows = jnp.where(pk > half, pk - half, jnp.zeros_like(pk))
-    ends = jnp.stack([lows, lows + jnp.uint32(1 << BRACKET_BITS)], axis=-1)
-    cands = jnp.concatenate([top, ends], axis=-1)
-  else:
-    cands = top
+    # The bracket stays below 2**31 (the digits' bases must), where every key is.
+    lows = jnp.minimum(jnp.where(pk > half, pk - half, 0), jnp.uint32(2**31 - (1 << BRACKET_BITS)))
+    runs.append((_BRACKET, _SUB_SHIFT, lows))
   ms, vs, tiles = fused_moments(
     gs,
     mus,
     nus,
-    _signed(cands).reshape(-1),
+    digits_operand([(shift, base) for _, shift, base in runs]),
     t,
     first_moment,
     second_moment,
     interpret=interpret,
+    runs=tuple(r for r, _, _ in runs),
   )
-  counts = block_counts(tiles, t, cands.shape[1], psum_axes)
-  top_counts = _counts.Count(*(a[:, : top.shape[1]] for a in counts))
-  prefix, count = _resolve(zeros, all_count, top_counts, k, KEY_BITS - RADIX_BITS)
+  counts = block_counts(tiles, t, sum(r.num for r, _, _ in runs), psum_axes)
+  top_counts = _counts.Count(*(a[:, : _DIGIT.num] for a in counts))
+  prefix, count = _resolve(zeros, all_count, top_counts, k, _TOP_SHIFT)
 
   def full():
     return _search(ms, t, k, prefix, count, _FULL_SHIFT, interpret, psum_axes)
@@ -396,14 +541,16 @@ def select_group(
   if previous is None:
     prefix, count = full()
   else:
-    at_low = _counts.Count(*(a[:, -2] for a in counts))
+    at_low = _counts.Count(*(a[:, _DIGIT.num] for a in counts))
     at_high = _counts.Count(*(a[:, -1] for a in counts))
     inside = _counts.greater_equal(at_low, k) & ~_counts.greater_equal(at_high, k)
-    prefix, count = lax.cond(
-      jnp.all(inside),
-      lambda: _search(ms, t, k, lows, at_low, _BRACKET_SHIFT, interpret, psum_axes),
-      full,
-    )
+
+    def held():
+      sub = _counts.Count(*(a[:, _DIGIT.num + 1 : -1] for a in counts))
+      base, at = _resolve(lows, at_low, sub, k, _SUB_SHIFT)
+      return _search(ms, t, k, base, at, _BRACKET_SHIFT, interpret, psum_axes)
+
+    prefix, count = lax.cond(jnp.all(inside), held, full)
   return ms, vs, _selection.keys_to_threshold(prefix), count
 
 
@@ -533,7 +680,7 @@ class PallasSelection:
       (:mod:`mofo_jax._platform`), the fallback on every other platform; ``"always"``: the
       kernels wherever they apply (on CPU only with ``interpret``).
     interpret: run the kernels in Pallas's interpreter (tests on CPU).
-    bracket: start each block's search from the last step's threshold (5 counting passes
+    bracket: start each block's search from the last step's threshold (4 counting passes
       after the fused one when every block's threshold is within ``2**19`` keys of its last
       one, else 7); False: always 7.
     tile_entries: entries per VMEM tile (see :func:`tiling`).

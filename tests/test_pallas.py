@@ -186,3 +186,35 @@ def test_auto_never_takes_the_kernel_on_cpu(monkeypatch):
 def test_bad_arguments(bad):
   with pytest.raises(ValueError):
     ps.PallasSelection(**bad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_histogram_counts_equal_numpy(dtype):
+  """The counting kernel's packed histograms: keys at each candidate of a run of digits and of
+  a bracket's run (both ends and the 15 between), NaN, inf, zeros and bases near 2**31 too."""
+  rng = np.random.default_rng(0)
+  m = rng.normal(size=(64, 256)).astype(np.float32)
+  m.flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 3.4e38]
+  m = np.asarray(jnp.asarray(m, dtype).astype(jnp.float32))
+  # Two blocks (layers) of several tiles each.
+  t = ps.tiling((2, 32, 256), LAYERS, (dtype,) * 3, 1024)
+  assert t.num_blocks == 2 and t.grid[0] * t.grid[1] > 2
+  keys = m.view(np.uint32).astype(np.int64) & (2**31 - 1)
+  bases = np.array([0x3F000000, 2**31 - (1 << 20)], np.int64)
+  runs = ((ps._DIGIT, 19, bases), (ps._BRACKET, 16, bases[::-1]))
+  digits = ps.digits_operand([(s, jnp.asarray(b, jnp.uint32)) for _, s, b in runs])
+  tiles = ps.count_keys(
+    [jnp.asarray(m, dtype)], digits, t, tuple(r for r, _, _ in runs), interpret=True
+  )
+  got = ps.block_counts(tiles, t, sum(r.num for r, _, _ in runs))
+  got = np.asarray(got.hi, np.int64) * 2**16 + np.asarray(got.lo, np.int64)
+  per_block = keys.reshape(t.num_blocks, -1)
+  want = [
+    [
+      (per_block[b] >= base[b] + ((run.first + i) << s)).sum()
+      for run, s, base in runs
+      for i in range(run.num)
+    ]
+    for b in range(t.num_blocks)
+  ]
+  np.testing.assert_array_equal(got, np.array(want))
