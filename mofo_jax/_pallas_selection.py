@@ -36,6 +36,7 @@ through the ``fallback`` selection.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -208,6 +209,25 @@ def _strips(t: Tiling, itemsize: int) -> tuple[int, int, int, int, int]:
   return rows, cols, across, chunk, per_trip
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _add_strip(runs, keys, shifts, bases, words):
+  """Adds one strip of ``keys`` to the packed bin words of each run (see
+  :func:`_histogram_into`). Jitted, so traced once per runs and strip shape (not once per
+  strip); written in ``lax`` primitives, so its jaxpr is flat: each strip's copy in a kernel
+  lowers without nested calls (``jnp``'s operators each trace and lower as a call)."""
+  zero = lax.full(keys.shape, 0, jnp.int32)
+  out = []
+  for run, shift, base, acc in zip(runs, shifts, bases, words):
+    lo = run.first - 1
+    # Keys and bases are under 2**31: the difference does not overflow. Keys below the first
+    # candidate land in bin 0 or below (e < 0: in no word), which no count adds.
+    e = lax.sub(lax.min(lax.shift_right_arithmetic(lax.sub(keys, base), shift), lo + run.num), lo)
+    one = lax.shift_left(1, lax.shift_left(lax.bitwise_and(e, _FIELDS - 1), 3))
+    word = lax.shift_right_arithmetic(e, 2)
+    out.append(tuple(lax.add(a, lax.select(lax.eq(word, w), one, zero)) for w, a in enumerate(acc)))
+  return tuple(out)
+
+
 def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, out_ref):
   """Writes, for the tile's block of leaf ``leaf`` of the group, how many keys of the tile in
   ``m_ref`` reach each candidate of the ``runs`` of :class:`Digits` (their candidates one
@@ -227,38 +247,35 @@ def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, o
   rows, cols, across, chunk, per_trip = _strips(t, m_ref.dtype.itemsize)
   shape = (rows, cols)
 
-  @jax.jit
-  def add_strip(keys, shifts, bases, words):
-    # Traced once per kernel and strip shape, not once per strip.
-    out = []
-    for run, shift, base, acc in zip(runs, shifts, bases, words):
-      lo = run.first - 1
-      # Keys and bases are under 2**31: the difference does not overflow. Keys below the
-      # first candidate land in bin 0 or below (e < 0: in no word), which no count adds.
-      e = jnp.minimum(jnp.right_shift(keys - base, shift), lo + run.num) - lo
-      one = jnp.left_shift(jnp.int32(1), (e & (_FIELDS - 1)) << 3)
-      word = e >> 2
-      out.append(tuple(a + jnp.where(word == w, one, 0) for w, a in enumerate(acc)))
-    return tuple(out)
+  runs = tuple(runs)
 
   def add_rows(first, words):
     # Rows first, first + 1, ... of strips: one scalar address per trip, static offsets after.
     r = pl.multiple_of(first * rows, rows)
     for u in range(per_trip):
       du, cu = divmod(u, across)
-      keys = _keys(m_ref[pl.ds(r + du * rows, rows), pl.ds(cu * cols, cols)])
-      words = add_strip(keys, shifts, bases, words)
+      at = r if du == 0 else lax.add(r, du * rows)
+      keys = _keys(m_ref[pl.ds(at, rows), pl.ds(cu * cols, cols)])
+      words = _add_strip(runs, keys, shifts, bases, words)
     return words
 
   def add_chunk(i, bins):
-    zeros = tuple(tuple(jnp.zeros(shape, jnp.int32) for _ in range(r.words)) for r in runs)
+    zeros = tuple(tuple(lax.full(shape, 0, jnp.int32) for _ in range(r.words)) for r in runs)
     trips = chunk * across // per_trip
     step = per_trip // across
     words = lax.fori_loop(0, trips, lambda j, w: add_rows((i * trips + j) * step, w), zeros)
     out = []
     for run_bins, run_words in zip(bins, words):
-      fields = [(w >> (8 * f)) & _FIELD_LIMIT for w in run_words for f in range(_FIELDS)]
-      out.append(tuple(b + f.astype(jnp.float32) for b, f in zip(run_bins, fields)))
+      fields = [
+        lax.bitwise_and(lax.shift_right_arithmetic(w, 8 * f), _FIELD_LIMIT)
+        for w in run_words
+        for f in range(_FIELDS)
+      ]
+      out.append(
+        tuple(
+          lax.add(b, lax.convert_element_type(f, jnp.float32)) for b, f in zip(run_bins, fields)
+        )
+      )
     return tuple(out)
 
   zeros = tuple(tuple(jnp.zeros(shape, jnp.float32) for _ in range(4 * r.words)) for r in runs)
@@ -270,15 +287,24 @@ def _histogram_into(m_ref, digits_ref, leaf: int, group: int, t: Tiling, runs, o
     # The count at candidate i is the sum of the bins above it (bin 0 is below them all).
     above = jnp.zeros((1, 1), jnp.float32)
     for i in range(run.num, 0, -1):
-      above = above + jnp.sum(jnp.sum(run_bins[i], axis=0, keepdims=True), axis=1, keepdims=True)
-      acc = jnp.where(lane == first_lane + i - 1, above, acc)
+      above = lax.add(above, _tile_sum(run_bins[i]))
+      wide = lax.broadcast_in_dim(above, acc.shape, (0, 1))
+      acc = lax.select(lax.eq(lane, first_lane + i - 1), wide, acc)
     first_lane += run.num
   out_ref[leaf] = acc.astype(jnp.int32)
 
 
+def _tile_sum(x: jax.Array) -> jax.Array:
+  """``[1, 1]``: the sum of ``x`` (rows, then lanes; ``lax``, see :func:`_add_strip`)."""
+  rows = lax.broadcast_in_dim(lax.reduce_sum(x, (0,)), (1, x.shape[1]), (1,))
+  return lax.broadcast_in_dim(lax.reduce_sum(rows, (1,)), (1, 1), (0,))
+
+
 def _keys(m: jax.Array) -> jax.Array:
-  """The keys of ``|m|`` (31 bits) as non-negative int32."""
-  return lax.bitcast_convert_type(m.astype(jnp.float32), jnp.int32) & jnp.int32(2**31 - 1)
+  """The keys of ``|m|`` (31 bits) as non-negative int32 (``lax`` primitives: no nested calls
+  in a strip's jaxpr, see :func:`_add_strip`)."""
+  m = m if m.dtype == jnp.float32 else lax.convert_element_type(m, jnp.float32)
+  return lax.bitwise_and(lax.bitcast_convert_type(m, jnp.int32), 2**31 - 1)
 
 
 def digits_operand(runs_values) -> jax.Array:
