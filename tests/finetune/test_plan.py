@@ -69,7 +69,7 @@ def test_topology_libtpu_refuses_is_one_line(capsys):
   assert "--topology v5e:1x32: libtpu:" in err, err
 
 
-def test_plan_and_the_trainer_lay_a_slice_out_alike():
+def test_libtpu_slice_is_laid_out_alike_by_plan_and_the_trainer():
   """Both follow the chips' links, so plan compiles the collectives a run makes."""
   pytest.importorskip("libtpu")  # CI's third step, the tpu-plan venv
   from jax.experimental import topologies
