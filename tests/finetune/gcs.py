@@ -108,3 +108,19 @@ class GcsEmulator:
         self._process.kill()
         self._process.wait()
     self._log_file.close()
+
+
+def count_fetches(monkeypatch) -> list[int]:
+  """The sizes of the byte ranges gcsfs fetches from now on (appended as they arrive)."""
+  import gcsfs.core
+
+  fetched: list[int] = []
+  real_cat = gcsfs.core.GCSFileSystem._cat_file_sequential
+
+  async def counting_cat(self, path, start=None, end=None, **kwargs):
+    data = await real_cat(self, path, start=start, end=end, **kwargs)
+    fetched.append(len(data))
+    return data
+
+  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_cat_file_sequential", counting_cat)
+  return fetched

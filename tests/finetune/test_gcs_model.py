@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 # Imported before any gs:// path is used: it turns off gcsfs's listing cache.
 from mofo_jax.finetune import checkpoints_hf, cli, storage, tokenizer, train
 from tests.finetune.conftest import random_model, tiny_config
+from tests.finetune.gcs import count_fetches
 from tests.finetune.test_cli import TINY, user_error
 
 
@@ -64,18 +65,8 @@ def test_a_gs_model_is_fetched_about_once_per_process(models, monkeypatch, spec)
   """Slices that split a tensor's columns share one read of its rows: this one process holds
   every slice, so it fetches each file about once (1.3x and 4.1x the files here when each slice
   fetched its own rows)."""
-  import gcsfs.core
-
   local, remote = models
-  fetched = []
-  real_cat = gcsfs.core.GCSFileSystem._cat_file_sequential
-
-  async def counting_cat(self, path, start=None, end=None, **kwargs):
-    data = await real_cat(self, path, start=start, end=end, **kwargs)
-    fetched.append(len(data))
-    return data
-
-  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_cat_file_sequential", counting_cat)
+  fetched = count_fetches(monkeypatch)
   _, got = checkpoints_hf.load_hf_checkpoint(str(remote), mesh=train.make_mesh(spec))
   files = sum(f.stat().st_size for f in local.glob("*.safetensors"))
   assert files < sum(fetched) < 1.1 * files, (sum(fetched), files)

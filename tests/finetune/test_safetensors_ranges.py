@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mofo_jax.finetune import safetensors_ranges
+from tests.finetune.gcs import count_fetches
 
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16, np.int64, np.bool_]
 
@@ -85,21 +86,11 @@ def test_truncated_or_foreign_files_name_the_file(local_file, tmp_path, cut):
 
 
 def test_a_gcs_slice_fetches_only_its_rows(tmp_path, gcs_dir, monkeypatch):
-  import gcsfs.core
-
   local = tmp_path / "big.safetensors"
   save_file({"w": np.zeros((512, 1024), np.float32)}, str(local))  # 2 MiB
   target = epath.Path(gcs_dir) / "big.safetensors"
   target.write_bytes(local.read_bytes())
-  fetched = []
-  real_cat = gcsfs.core.GCSFileSystem._cat_file_sequential
-
-  async def counting_cat(self, path, start=None, end=None, **kwargs):
-    data = await real_cat(self, path, start=start, end=end, **kwargs)
-    fetched.append(len(data))
-    return data
-
-  monkeypatch.setattr(gcsfs.core.GCSFileSystem, "_cat_file_sequential", counting_cat)
+  fetched = count_fetches(monkeypatch)
   with safetensors_ranges.SafetensorsFile(target) as f:
     assert f.get_slice("w")[8:16].shape == (8, 1024)
   # the header and 8 rows of 4 KiB; no read-ahead of the rest of the file

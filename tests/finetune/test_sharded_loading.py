@@ -219,7 +219,7 @@ def test_a_saved_run_of_rows_costs_the_devices_the_run_not_the_tensor():
     np.arange(2048 * 512, dtype=np.float32).reshape(2048, 512),
     NamedSharding(mesh, P("fsdp", "tensor")),
   )
-  gather = jax.jit(hf_save._rows, static_argnums=(1, 2), out_shardings=NamedSharding(mesh, P()))
+  gather = hf_save._run_gatherer(NamedSharding(mesh, P()))
   run = gather(arr, 100, 256)  # across the first two fsdp shards
   np.testing.assert_array_equal(np.asarray(run), np.asarray(arr)[100:356])
   temps = gather.lower(arr, 100, 256).compile().memory_analysis().temp_size_in_bytes

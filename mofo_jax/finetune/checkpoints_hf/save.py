@@ -47,8 +47,13 @@ def _take(arr: jax.Array, layer: jax.Array | None) -> jax.Array:
 
 
 def _rows(arr: jax.Array, start: int, size: int) -> jax.Array:
-  # A static slice: with a traced start XLA all-gathers the whole tensor and then slices it.
   return arr[start : start + size]
+
+
+def _run_gatherer(replicated: NamedSharding):
+  """``(arr, start, size) -> arr[start:start + size]`` on every device of ``replicated``. The
+  start is static: with a traced one XLA all-gathers the whole tensor and then slices it."""
+  return jax.jit(_rows, static_argnums=(1, 2), out_shardings=replicated)
 
 
 def _gathered(arr: jax.Array, wanted: bool) -> np.ndarray | None:
@@ -67,7 +72,7 @@ def _gathered(arr: jax.Array, wanted: bool) -> np.ndarray | None:
   replicated = NamedSharding(mesh, P())
   rows = arr.shape[0]
   step = max(1, min(rows, GATHER_BYTES * rows // max(arr.nbytes, 1)))
-  gather = jax.jit(_rows, static_argnums=(1, 2), out_shardings=replicated)
+  gather = _run_gatherer(replicated)
   host = np.empty(arr.shape, arr.dtype) if wanted else None
   for start in range(0, rows, step):
     run = gather(arr, start, min(step, rows - start))
